@@ -1,0 +1,191 @@
+"""The ``forwarder`` command: worker, enqueue, schema, demo, standin-api."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+import orjson
+import redis
+from pydantic import ValidationError
+
+from forwarder import logs
+from forwarder.model import message_json_schema
+from forwarder.producer import InvalidUpdate, encode
+from forwarder.queue import Keys
+from forwarder.settings import Settings
+
+ENQUEUE_BATCH = 1000
+# Batches sent per pipeline round trip.
+PIPELINE_DEPTH = 10
+
+
+def _settings_flags() -> argparse.ArgumentParser:
+    """Flags shared by every command that talks to Redis; each overrides its env setting."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--redis-url", help="FORWARDER_REDIS_URL")
+    parent.add_argument("--queue", help="FORWARDER_QUEUE")
+    parent.add_argument("--log-level", help="FORWARDER_LOG_LEVEL")
+    return parent
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forwarder",
+        description="Deliver session updates from a Redis list to LivePerson's App Engagement API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _settings_flags()
+
+    worker = sub.add_parser("worker", parents=[common], help="run a worker until SIGTERM/SIGINT")
+    worker.add_argument("--concurrency", type=int, help="FORWARDER_CONCURRENCY")
+    worker.add_argument("--api-base-url", help="FORWARDER_API_BASE_URL")
+    worker.add_argument("--retry-delays", help="FORWARDER_RETRY_DELAYS, e.g. 5,10,15")
+    worker.add_argument("--request-timeout", type=float, help="FORWARDER_REQUEST_TIMEOUT")
+    worker.set_defaults(func=_cmd_worker)
+
+    enqueue = sub.add_parser(
+        "enqueue", parents=[common], help="enqueue NDJSON wire messages from FILE or stdin"
+    )
+    enqueue.add_argument("file", nargs="?", default="-", help="NDJSON file, or - for stdin")
+    enqueue.set_defaults(func=_cmd_enqueue)
+
+    schema = sub.add_parser("schema", help="print the wire message's JSON Schema")
+    schema.set_defaults(func=_cmd_schema)
+
+    demo = sub.add_parser("demo", parents=[common], help="see the whole flow on this machine")
+    demo.add_argument("--count", type=int, default=300, help="sample updates to enqueue")
+    demo.set_defaults(func=_cmd_demo)
+
+    standin = sub.add_parser("standin-api", help="run a stand-in engagement API (for staging)")
+    standin.add_argument("--host", default="127.0.0.1")
+    standin.add_argument("--port", type=int, default=8080)
+    standin.set_defaults(func=_cmd_standin)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Env settings, overridden by the flags that were given."""
+    names = Settings.model_fields.keys()
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        print(f"forwarder: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        return func(args, settings)
+    except redis.ConnectionError as exc:
+        print(f"forwarder: cannot reach Redis at the configured URL: {exc}", file=sys.stderr)
+        return 3
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    asyncio.run(_run_until_signal(settings))
+    return 0
+
+
+async def _run_until_signal(settings: Settings) -> None:
+    from forwarder.worker import Worker, serve
+
+    loop = asyncio.get_running_loop()
+
+    def on_ready(worker: Worker) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+
+    await serve(settings, on_ready=on_ready)
+
+
+def _cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    key = Keys(settings.queue).queue
+    client = redis.Redis.from_url(settings.redis_url)
+    source: IO[bytes] = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    enqueued = invalid = 0
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for batch in _valid_batches(source):
+                invalid += batch.invalid
+                if batch.wire:
+                    pipe.lpush(key, *batch.wire)
+                    enqueued += len(batch.wire)
+                if len(pipe) >= PIPELINE_DEPTH:
+                    pipe.execute()
+            pipe.execute()
+    finally:
+        source.close()
+        client.close()
+    print(f"enqueued {enqueued}, invalid {invalid}", file=sys.stderr)
+    return 1 if invalid else 0
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.wire: list[bytes] = []
+        self.invalid = 0
+
+
+def _valid_batches(source: IO[bytes]) -> Iterator[_Batch]:
+    """Batches of valid wire messages; each invalid line is reported on stderr."""
+    batch = _Batch()
+    for number, line in enumerate(source, start=1):
+        if not line.strip():
+            continue
+        try:
+            _, raw = encode(_parse_line(line), number)
+        except InvalidUpdate as exc:
+            batch.invalid += 1
+            for error in exc.errors:
+                print(f"line {number}: {error}", file=sys.stderr)
+            continue
+        batch.wire.append(raw)
+        if len(batch.wire) >= ENQUEUE_BATCH:
+            yield batch
+            batch = _Batch()
+    yield batch
+
+
+def _parse_line(line: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidUpdate([f"(root): not valid JSON ({exc})"]) from None
+    if not isinstance(data, dict):
+        raise InvalidUpdate(["(root): a wire message must be a JSON object"])
+    return data
+
+
+def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(message_json_schema(), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from forwarder.demo import run
+
+    return run(settings, count=args.count)
+
+
+def _cmd_standin(args: argparse.Namespace, settings: Settings) -> int:
+    from forwarder.standin import serve
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""``forwarder demo``: the whole flow on one machine, with nothing installed but Python.
+
+Uses the Redis at ``FORWARDER_REDIS_URL`` when one answers, else starts a private server
+with its data in ``./.forwarder-demo``; starts the stand-in engagement API; enqueues sample
+updates built from LivePerson's examples (some accepted, some rejected, some failing then
+accepted, a few never accepted, a few malformed); runs a worker; shows the counts live;
+ends with a summary. Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+
+from forwarder import logs
+from forwarder.embedded import RedisServer, redis_answers
+from forwarder.producer import Producer, make_update
+from forwarder.queue import Keys
+from forwarder.settings import Settings
+from forwarder.standin import StandIn
+from forwarder.worker import Worker, serve
+
+DATA_DIR = Path(".forwarder-demo")
+# Short delays so the demo ends in seconds; the real default is 5,10,15.
+DEMO_DELAYS = (0.5, 1.0, 1.5)
+DEMO_QUEUE = "forwarder-demo"
+
+# Bodies from LivePerson's Update Session and engagement-attribute examples.
+SAMPLE_BODIES: list[dict[str, Any]] = [
+    {
+        "pageId": "4743822558",
+        "impAttributes": [
+            {
+                "type": "impAccept",
+                "campaign": 3115242510,
+                "engId": 3115242810,
+                "revision": 537,
+                "eContext": [{"type": "engagementContext", "id": "1"}],
+            },
+            {
+                "type": "impDisplay",
+                "campaign": 3115242510,
+                "engId": 3115242810,
+                "revision": 537,
+                "eContext": [{"type": "engagementContext", "id": "1"}],
+            },
+        ],
+        "engagementAttributes": [
+            {
+                "type": "personal",
+                "personal": {
+                    "contacts": [{"email": "sarah@gmail.com", "phone": "0987653"}],
+                    "age": {"age": 30.0, "year": 1986, "month": 7, "day": 22},
+                    "firstname": "Sarah",
+                    "lastname": "West",
+                    "gender": "FEMALE",
+                    "company": "liveperson",
+                },
+            },
+        ],
+    },
+    {
+        "pageId": "4743822558",
+        "engagementAttributes": [
+            {
+                "type": "cart",
+                "total": 11.7,
+                "currency": "USD",
+                "numItems": 6,
+                "products": [
+                    {
+                        "product": {
+                            "name": "prod1",
+                            "category": "category",
+                            "sku": "sku",
+                            "price": 7.8,
+                        },
+                        "quantity": 1,
+                    }
+                ],
+            },
+        ],
+    },
+    {
+        "pageId": "4743822558",
+        "engagementAttributes": [
+            {
+                "type": "purchase",
+                "total": 11.7,
+                "currency": "USD",
+                "orderId": "DRV1534XC",
+                "cart": {
+                    "numItems": 1,
+                    "products": [
+                        {
+                            "product": {
+                                "name": "prod1",
+                                "category": "category",
+                                "sku": "sku",
+                                "price": 7.8,
+                            },
+                            "quantity": 1,
+                        }
+                    ],
+                },
+            },
+        ],
+    },
+    {
+        "pageId": "4743822558",
+        "engagementAttributes": [
+            {
+                "type": "mrktInfo",
+                "info": {"channel": "1", "affiliate": "Yahoo", "campaignId": "US-VA"},
+            },
+            {"type": "searchInfo", "keywords": ["summer", "shoes"]},
+        ],
+    },
+]
+
+# visitorId prefixes the stand-in API answers by (see forwarder.standin), with shares.
+MIX = [
+    ("ok", 0.70),
+    ("bad", 0.08),
+    ("gone", 0.04),
+    ("flaky1", 0.08),
+    ("flaky2", 0.06),
+    ("down", 0.04),
+]
+MALFORMED = [b"not json at all", b'{"accountId": "123", "body": {}}', b"[1, 2, 3]"]
+
+
+def samples(count: int) -> list[dict[str, Any]]:
+    """``count`` wire messages cycling through the sample bodies and the outcome mix."""
+    kinds = [prefix for prefix, share in MIX for _ in range(round(share * 100))]
+    return [
+        make_update(
+            "12345678",
+            f"{kinds[i % len(kinds)]}-visitor{i}",
+            f"session{i % 50}",
+            SAMPLE_BODIES[i % len(SAMPLE_BODIES)],
+        )
+        for i in range(count)
+    ]
+
+
+def run(settings: Settings, *, count: int) -> int:
+    """Run the demo; returns the process exit code."""
+    DATA_DIR.mkdir(exist_ok=True)
+    updates = samples(count)
+    (DATA_DIR / "samples.ndjson").write_bytes(b"\n".join(orjson.dumps(u) for u in updates))
+    if "queue" not in settings.model_fields_set:
+        # Never drain a real queue into the stand-in: the demo has a queue of its own.
+        settings = settings.model_copy(update={"queue": DEMO_QUEUE})
+    with open(DATA_DIR / "worker.log", "w") as log_file:
+        logs.configure(settings.log_level, "json", stream=log_file)
+        return asyncio.run(_demo(settings, updates))
+
+
+async def _demo(settings: Settings, updates: list[dict[str, Any]]) -> int:
+    async with _redis(settings) as redis_url, StandIn() as api:
+        settings = settings.model_copy(
+            update={
+                "redis_url": redis_url,
+                "api_base_url": api.base_url,
+                "retry_delays": DEMO_DELAYS,
+                "shutdown_grace": 2.0,
+            }
+        )
+        print(
+            f"redis:        {redis_url} (queue {settings.queue!r})\n"
+            f"stand-in API: {api.base_url}\n"
+            f"retry delays: {DEMO_DELAYS} s (demo only; the default is 5,10,15)\n"
+            f"worker log:   {DATA_DIR / 'worker.log'}\n"
+        )
+        enqueued = await _enqueue(settings, updates)
+        finished = await _run_worker(settings, api, enqueued)
+        await _summary(settings, api, finished)
+    return 0 if finished else 130
+
+
+@contextlib.asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[str]:
+    if await redis_answers(settings.redis_url):
+        yield settings.redis_url
+        return
+    server = RedisServer(DATA_DIR / "redis", appendonly=True)
+    await asyncio.to_thread(server.start)
+    try:
+        yield server.url
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def _enqueue(settings: Settings, updates: list[dict[str, Any]]) -> int:
+    producer = Producer.from_url(settings.redis_url, settings.queue)
+    keys = Keys(settings.queue)
+    try:
+        # Left over from an interrupted demo run: the demo's own keys only.
+        await producer.client.delete(keys.queue, keys.delayed, keys.dead)
+        await producer.enqueue_many(updates)
+        # What a broken producer might push with a raw LPUSH.
+        await producer.client.lpush(producer.key, *MALFORMED)
+    finally:
+        await producer.aclose()
+    print(f"enqueued {len(updates)} sample updates and {len(MALFORMED)} malformed elements\n")
+    return len(updates) + len(MALFORMED)
+
+
+async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
+    """Run a worker until every message is delivered or dead; False on Ctrl-C."""
+    worker_ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, on_ready=worker_ready.set_result))
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    worker = await worker_ready
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.queue)
+    try:
+        while not interrupted.is_set():
+            counts = await _counts(redis, keys, api)
+            _show(counts)
+            if counts["delivered"] + counts["dead"] >= enqueued:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), 0.25)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        print(file=sys.stdout)
+        worker.stop()
+        await task
+        await redis.aclose()
+    return not interrupted.is_set()
+
+
+async def _counts(redis: Redis, keys: Keys, api: StandIn) -> dict[str, int]:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.queue)
+        pipe.zcard(keys.delayed)
+        pipe.llen(keys.dead)
+        pending, delayed, dead = await pipe.execute()
+    return {
+        "delivered": len(api.delivered),
+        "pending": pending,
+        "retrying": delayed,
+        "dead": dead,
+        "requests": len(api.requests),
+    }
+
+
+def _show(counts: dict[str, int]) -> None:
+    line = (
+        f"delivered {counts['delivered']:>4}   pending {counts['pending']:>4}   "
+        f"waiting for retry {counts['retrying']:>3}   dead-lettered {counts['dead']:>3}   "
+        f"(API requests {counts['requests']})"
+    )
+    if sys.stdout.isatty():
+        print("\r" + line, end="", flush=True)
+    else:
+        print(line, flush=True)
+
+
+async def _summary(settings: Settings, api: StandIn, finished: bool) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        records = [orjson.loads(r) for r in await redis.lrange(Keys(settings.queue).dead, 0, -1)]
+    finally:
+        await redis.aclose()
+    by_status = Counter(r.status for r in api.requests)
+    reasons = Counter(r["reason"] for r in records)
+    print("stopped early (Ctrl-C); nothing is left running." if not finished else "done.")
+    print(f"API answers:    {dict(sorted(by_status.items()))}")
+    print(f"delivered:      {len(api.delivered)}")
+    print(f"dead letters:   {dict(reasons)}")
+    structlog.get_logger().info("demo_finished", delivered=len(api.delivered), dead=len(records))
+    flags = f"--redis-url {settings.redis_url} --queue {settings.queue}"
+    print(
+        "\nTry next:\n"
+        "  forwarder schema                          # the wire message's JSON Schema\n"
+        "  forwarder standin-api --port 8080 &       # a stand-in API for staging\n"
+        f"  forwarder enqueue {DATA_DIR / 'samples.ndjson'} {flags}\n"
+        f"  FORWARDER_API_BASE_URL=http://127.0.0.1:8080 forwarder worker {flags}"
+    )

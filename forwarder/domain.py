@@ -1,0 +1,74 @@
+"""Which host serves an account: LivePerson's Domain API (service ``msdkgw``), cached."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import quote
+
+import aiohttp
+
+SERVICE = "msdkgw"
+
+
+class DomainLookupError(Exception):
+    """The Domain API did not give a host for an account; retried like a 5xx."""
+
+
+class DomainResolver:
+    """Looks up and caches the ``msdkgw`` base URI per account.
+
+    Concurrent lookups for one account share a single request, so a burst of messages
+    for a cold account costs one call to the Domain API, not one per message.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        domain_api_url: str,
+        *,
+        ttl: float,
+        timeout: float,
+    ) -> None:
+        self._session = session
+        self._api = domain_api_url.rstrip("/")
+        self._ttl = ttl
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._cache: dict[str, tuple[str, float]] = {}
+        self._pending: dict[str, asyncio.Future[str]] = {}
+
+    async def host(self, account_id: str) -> str:
+        """The API host (``name[:port]``) for ``account_id``."""
+        cached = self._cache.get(account_id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        pending = self._pending.get(account_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(account_id))
+            self._pending[account_id] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(account_id, None))
+        # shield: one waiter's cancellation must not cancel the others' shared lookup.
+        return await asyncio.shield(pending)
+
+    async def _lookup(self, account_id: str) -> str:
+        url = f"{self._api}/api/account/{quote(account_id, safe='')}/service/{SERVICE}/baseURI.json"
+        try:
+            async with self._session.get(
+                url, params={"version": "1.0"}, timeout=self._timeout, allow_redirects=False
+            ) as resp:
+                if resp.status != 200:
+                    raise DomainLookupError(f"domain API answered {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise DomainLookupError(f"domain API unreachable: {type(exc).__name__}") from exc
+        host = data.get("baseURI") if isinstance(data, dict) else None
+        if not isinstance(host, str) or not _valid_host(host):
+            raise DomainLookupError("domain API answer has no valid baseURI")
+        self._cache[account_id] = (host, time.monotonic() + self._ttl)
+        return host
+
+
+def _valid_host(host: str) -> bool:
+    # The answer becomes part of a URL: a bare host[:port], nothing that could add a
+    # path, credentials or another scheme.
+    return bool(host) and all(c.isalnum() or c in ".-:" for c in host)

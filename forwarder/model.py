@@ -1,0 +1,560 @@
+"""The wire format: what producers push onto the forwarder's Redis list.
+
+Each list entry is one JSON object, a :class:`SessionUpdate` (camelCase keys)::
+
+    {"id": "optional", "accountId": "12345678", "visitorId": "v1", "sessionId": "s1",
+     "body": {"pageId": "4743822558", "impAttributes": [...], "engagementAttributes": [...]},
+     "enqueuedAt": 1764380000.123, "attempts": 0, "lastError": null, "replayed": 0}
+
+``accountId``, ``visitorId`` and ``sessionId`` address LivePerson's App Engagement API
+"Update Session" call; ``body`` is that call's request body. ``enqueuedAt``, ``attempts``,
+``lastError`` and ``replayed`` are the forwarder's own bookkeeping and never reach LivePerson.
+
+The envelope is closed (unknown keys are rejected, so a typo such as ``sesionId`` fails
+loudly). Inside ``body`` every known field is type-checked without coercion (``"12"`` is not
+a number, ``true`` is not an integer), but unknown keys pass through untouched: LivePerson,
+not the forwarder, is the authority on what the body may carry.
+
+Dump the body with ``model_dump(exclude_unset=True)`` to get back exactly what the producer
+sent: optional fields default to ``None``, and sending those nulls could wipe values that
+LivePerson merges across updates (``personal``, ``ctmrinfo``, ``mrktInfo``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal, TypeAlias, get_args
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetPydanticSchema,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import CoreSchema, PydanticCustomError
+
+_JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+_JSON_SCHEMA_TITLE = "Forwarder session update"
+
+# C0 and C1 control characters: ids end up in the request URL and in log lines.
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+_WIRE_CONFIG = ConfigDict(
+    alias_generator=to_camel,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+    # A producer that sends "12" for a number has a bug; coercing would hide it until
+    # LivePerson silently drops the attribute.
+    strict=True,
+    # Titles would otherwise come from the camelCase alias: "Numitems".
+    field_title_generator=lambda name, _: name.replace("_", " ").title(),
+)
+
+
+class _BodyModel(BaseModel):
+    """Base of the Update Session body and of everything nested in it."""
+
+    model_config = ConfigDict(**_WIRE_CONFIG, extra="allow")
+
+
+def _one_error(error_type: str, message: str) -> GetPydanticSchema:
+    """Report a failed union as one error on the field itself.
+
+    Pydantic otherwise emits one error per union member, with the member's name appended
+    to the path, which reads as if the producer had written a nested key.
+    """
+
+    def schema(source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        inner = handler(source)
+        if inner["type"] != "union":
+            return inner
+        return {**inner, "custom_error_type": error_type, "custom_error_message": message}
+
+    return GetPydanticSchema(schema)
+
+
+# LivePerson's field table says 0/1/2 but its own examples send "MALE"/"FEMALE"; the full
+# list of strings is not documented, so any string is let through.
+Gender: TypeAlias = Annotated[
+    Annotated[int, Field(ge=0, le=2)] | str,
+    _one_error("gender_value", "Input should be 0, 1, 2 or a string such as 'MALE'"),
+]
+# The field table says int 0..6, the Update Session example sends the string "1".
+Channel: TypeAlias = Annotated[
+    Annotated[int, Field(ge=0, le=6)] | Annotated[str, Field(pattern=r"^[0-6]$")],
+    _one_error("channel_value", "Input should be an integer 0 to 6, or the same as a string"),
+]
+PhoneType: TypeAlias = Literal[
+    "HOME", "MOBILE", "WORK", "FAX", "MAIN", "HOME_FAX", "WORK_FAX", "PAGER", "OTHER"
+]
+
+
+# --- impression events (impAttributes) ---------------------------------------------------
+
+
+class EContext(_BodyModel):
+    """Engagement context of an impression, e.g. ``{"type": "engagementContext", "id": "1"}``."""
+
+    type: str | None = None
+    id: str | None = None
+
+
+class _Impression(_BodyModel):
+    campaign: int | None = Field(default=None, description="Campaign id.")
+    eng_id: int | None = Field(default=None, description="Engagement id.")
+    revision: int | None = Field(default=None, description="Engagement revision.")
+
+
+class ImpDisplay(_Impression):
+    """The engagement was shown to the visitor."""
+
+    type: Literal["impDisplay"]
+    e_context: list[EContext] | None = None
+
+
+class ImpAccept(_Impression):
+    """The visitor accepted (clicked) the engagement."""
+
+    type: Literal["impAccept"]
+    e_context: list[EContext] | None = None
+
+
+class ImpExpanded(_Impression):
+    """The engagement was expanded; LivePerson documents these fields only as nullable."""
+
+    type: Literal["impExpanded"]
+    expanded: Any = Field(default=None, description="Type undocumented; passed through as is.")
+    user_init: Any = Field(default=None, description="Type undocumented; passed through as is.")
+    actionable_items: Any = Field(
+        default=None, description="Type undocumented; passed through as is."
+    )
+
+
+class ImpTimeout(_Impression):
+    """The engagement timed out."""
+
+    type: Literal["impTimeout"]
+
+
+class ImpClose(_Impression):
+    """The visitor closed the engagement."""
+
+    type: Literal["impClose"]
+
+
+# --- engagement attributes (SDEs, engagementAttributes) --------------------------------------
+
+
+class Product(_BodyModel):
+    name: str | None = None
+    category: str | None = None
+    sku: str | None = None
+    price: float | None = None
+
+
+class ProductItem(_BodyModel):
+    product: Product | None = None
+    quantity: int | None = None
+
+
+class PurchaseCart(_BodyModel):
+    """The cart a purchase settled."""
+
+    num_items: int | None = None
+    products: list[ProductItem] | None = None
+
+
+class Date(_BodyModel):
+    day: int | None = None
+    month: int | None = None
+    year: int | None = None
+
+
+class Age(_BodyModel):
+    age: float | None = Field(default=None, description="Age in years; LivePerson sends 30.0.")
+    year: int | None = Field(default=None, description="Year of birth.")
+    month: int | None = Field(default=None, description="Month of birth.")
+    day: int | None = Field(default=None, description="Day of birth.")
+
+
+class Address(_BodyModel):
+    # Case is left to LivePerson: only the shape of an ISO 3166-1 alpha-2 code is checked.
+    country: str | None = Field(
+        default=None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 code."
+    )
+    region: str | None = None
+
+
+class Contact(_BodyModel):
+    email: str | None = None
+    phone: str | None = None
+    phone_type: PhoneType | None = None
+    address: Address | None = None
+
+
+class Cart(_BodyModel):
+    """The visitor's cart; a later ``cart`` replaces this one."""
+
+    type: Literal["cart"]
+    total: float = Field(description="Cart total; mandatory.")
+    currency: str | None = None
+    num_items: int = Field(description="Number of items in the cart; mandatory.")
+    products: list[ProductItem] | None = None
+
+
+class Purchase(_BodyModel):
+    """A completed purchase."""
+
+    type: Literal["purchase"]
+    total: float | None = None
+    currency: str | None = None
+    order_id: str | None = None
+    cart: PurchaseCart | None = None
+
+
+class ProdView(_BodyModel):
+    """Products the visitor viewed."""
+
+    type: Literal["prodView"]
+    currency: str | None = None
+    products: list[ProductItem] | None = None
+
+
+class SearchInfo(_BodyModel):
+    """A search the visitor ran."""
+
+    type: Literal["searchInfo"]
+    keywords: list[str] | None = None
+
+
+class CustomerInfoPayload(_BodyModel):
+    ctype: str | None = None
+    cstatus: str | None = None
+    balance: float | None = None
+    currency: str | None = None
+    customer_id: str | None = None
+    social_id: str | None = None
+    imei: str | None = None
+    user_name: str | None = None
+    company_size: int | None = None
+    company_branch: str | None = None
+    account_name: str | None = None
+    role: str | None = None
+    last_payment_date: Date | None = None
+    registration_date: Date | None = None
+    login_status: int | None = None
+    store_zip_code: str | None = None
+    store_number: str | None = None
+
+
+class CustomerInfo(_BodyModel):
+    """Customer info (type ``ctmrinfo``); merged with earlier values. Carries PII."""
+
+    type: Literal["ctmrinfo"]
+    info: CustomerInfoPayload
+
+
+class MarketingInfoPayload(_BodyModel):
+    channel: Channel | None = Field(
+        default=None,
+        description="0 Direct, 1 Search, 2 Social, 3 Email, 4 Referral, 5 Paid search, 6 Display.",
+    )
+    affiliate: str | None = None
+    campaign_id: str | None = None
+
+
+class MarketingInfo(_BodyModel):
+    """Marketing source (type ``mrktInfo``); merged with earlier values."""
+
+    type: Literal["mrktInfo"]
+    info: MarketingInfoPayload
+
+
+class PersonalPayload(_BodyModel):
+    firstname: str | None = None
+    lastname: str | None = None
+    age: Age | None = None
+    contacts: list[Contact] | None = None
+    gender: Gender | None = None
+    language: str | None = Field(default=None, description='Locale, e.g. "en-US".')
+    company: str | None = None
+
+
+class Personal(_BodyModel):
+    """Personal info; merged with earlier values. Carries PII."""
+
+    type: Literal["personal"]
+    personal: PersonalPayload
+
+
+class LeadPayload(_BodyModel):
+    topic: str | None = None
+    value: float | None = None
+    currency: str | None = None
+    lead_id: str | None = None
+
+
+class Lead(_BodyModel):
+    """A sales lead."""
+
+    type: Literal["lead"]
+    lead: LeadPayload
+
+
+class ServicePayload(_BodyModel):
+    topic: str | None = None
+    status: int | None = Field(
+        default=None,
+        ge=0,
+        le=13,
+        description=(
+            "0 Complete, 1 In progress, 2 Approved, 3 Cancelled, 4 Not approved, 5 Reviewed, "
+            "6 Missing details, 7 Closed, 8 Removed, 9 Assigned, "
+            "10 Waiting for customer response, 11 Waiting for response, 12 Pending, 13 Resolved."
+        ),
+    )
+    category: str | None = None
+    service_id: str | None = None
+
+
+class Service(_BodyModel):
+    """A service activity, such as a support ticket."""
+
+    type: Literal["service"]
+    service: ServicePayload
+
+
+class ErrorInfoPayload(_BodyModel):
+    context_id: str | None = None
+    message: str | None = None
+    code: str | None = None
+    level: int | None = None
+    resolved: bool | None = None
+
+
+class ErrorInfo(_BodyModel):
+    """An error the visitor ran into (type ``error``)."""
+
+    type: Literal["error"]
+    error: ErrorInfoPayload
+
+
+# --- the discriminated unions ------------------------------------------------------------
+
+_ImpressionUnion: TypeAlias = ImpDisplay | ImpAccept | ImpExpanded | ImpTimeout | ImpClose
+_EngagementUnion: TypeAlias = (
+    Cart
+    | Purchase
+    | ProdView
+    | SearchInfo
+    | CustomerInfo
+    | MarketingInfo
+    | Personal
+    | Lead
+    | Service
+    | ErrorInfo
+)
+
+
+def _tags(union: Any) -> tuple[str, ...]:
+    models: tuple[type[BaseModel], ...] = get_args(union)
+    return tuple(get_args(model.model_fields["type"].annotation)[0] for model in models)
+
+
+_IMPRESSION_TYPES = _tags(_ImpressionUnion)
+_ENGAGEMENT_TYPES = _tags(_EngagementUnion)
+
+# format_errors points these at the item's "type" key, which pydantic cannot do for an
+# error raised before the item is validated.
+_TYPE_ERRORS = frozenset({"type_missing", "type_unknown", "type_misplaced"})
+
+
+def _type_checker(
+    kind: str, known: tuple[str, ...], other_kind: str, other: tuple[str, ...], hint: str
+) -> BeforeValidator:
+    """Explain a bad ``type`` in words, ahead of the discriminator's generic tag errors."""
+    known_set, other_set = frozenset(known), frozenset(other)
+    context = {"kind": kind, "known": ", ".join(known), "other_kind": other_kind}
+
+    def check(value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        tag = value.get("type")
+        if isinstance(tag, str) and tag in known_set:
+            return value
+        if tag is None:
+            raise PydanticCustomError(
+                "type_missing", "Field required; known {kind} types: {known}", context
+            )
+        if isinstance(tag, str) and tag in other_set:
+            raise PydanticCustomError(
+                "type_misplaced",
+                "{tag} is {other_kind} type: " + hint,
+                {**context, "tag": repr(tag)},
+            )
+        raise PydanticCustomError(
+            "type_unknown",
+            "unknown {kind} type {tag}; known types: {known}",
+            {**context, "tag": repr(tag)},
+        )
+
+    return BeforeValidator(check)
+
+
+ImpressionEvent: TypeAlias = Annotated[
+    _ImpressionUnion,
+    Field(discriminator="type"),
+    _type_checker(
+        "impression event",
+        _IMPRESSION_TYPES,
+        "an engagement attribute",
+        _ENGAGEMENT_TYPES,
+        "engagement attributes belong in engagementAttributes, not impAttributes",
+    ),
+]
+"""One item of ``impAttributes``, chosen by its ``type``."""
+
+EngagementAttribute: TypeAlias = Annotated[
+    _EngagementUnion,
+    Field(discriminator="type"),
+    _type_checker(
+        "engagement attribute",
+        _ENGAGEMENT_TYPES,
+        "an impression event",
+        _IMPRESSION_TYPES,
+        "impression events belong in impAttributes, not engagementAttributes",
+    ),
+]
+"""One item of ``engagementAttributes`` (an SDE), chosen by its ``type``."""
+
+
+# --- the Update Session body and the envelope --------------------------------------------
+
+
+class UpdateSessionBody(_BodyModel):
+    """The App Engagement API "Update Session" request body."""
+
+    page_id: str = Field(min_length=1, description="Page id returned by Create Session.")
+    imp_attributes: list[ImpressionEvent] | None = Field(
+        default=None, description="Impression events (impDisplay, impAccept, ...)."
+    )
+    engagement_attributes: list[EngagementAttribute] | None = Field(
+        default=None, description="Engagement attributes (SDEs); no impression events here."
+    )
+
+
+class SessionUpdate(BaseModel):
+    """One entry of the Redis list: an Update Session call plus the forwarder's bookkeeping."""
+
+    model_config = ConfigDict(**_WIRE_CONFIG, extra="forbid")
+
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Producer-chosen message id, for tracing; optional.",
+    )
+    account_id: str = Field(
+        pattern=r"^[A-Za-z0-9_]{1,20}$", description="LivePerson account (site) id."
+    )
+    visitor_id: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=_PRINTABLE,
+        description="Visitor id returned by Create Session.",
+    )
+    session_id: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=_PRINTABLE,
+        description="Session id returned by Create Session.",
+    )
+    body: UpdateSessionBody = Field(description="Update Session request body, sent as is.")
+    enqueued_at: float | None = Field(
+        default=None, description="When the message was first pushed, in Unix seconds."
+    )
+    attempts: int = Field(default=0, ge=0, description="Failed delivery attempts so far.")
+    last_error: str | None = Field(
+        default=None, description="Why the latest delivery attempt failed."
+    )
+    replayed: int = Field(
+        default=0, ge=0, description="Times the message was replayed from the dead-letter queue."
+    )
+
+
+_UNION_LISTS = frozenset(
+    {"impAttributes", "engagementAttributes", "imp_attributes", "engagement_attributes"}
+)
+_ALL_TYPES = frozenset(_IMPRESSION_TYPES + _ENGAGEMENT_TYPES)
+
+
+def _wire_path(loc: tuple[int | str, ...]) -> list[int | str]:
+    """Drop the tag segment pydantic inserts after a discriminated-union item's index.
+
+    ``engagementAttributes.0.personal.personal.age`` becomes
+    ``engagementAttributes.0.personal.age``, the path the producer actually wrote.
+    """
+    path: list[int | str] = []
+    for i, part in enumerate(loc):
+        is_tag = (
+            i >= 2
+            and isinstance(loc[i - 1], int)
+            and loc[i - 2] in _UNION_LISTS
+            and part in _ALL_TYPES
+        )
+        if not is_tag:
+            path.append(part)
+    return path
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """Render each error as ``"<dotted.wire.path>: <message>"``; ``(root)`` for the top."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        path = _wire_path(error["loc"])
+        if error["type"] in _TYPE_ERRORS:
+            path.append("type")
+        lines.append(f"{'.'.join(map(str, path)) or '(root)'}: {error['msg']}")
+    return lines
+
+
+def message_json_schema() -> dict[str, Any]:
+    """JSON Schema of a list entry, with the camelCase keys producers write."""
+    schema = SessionUpdate.model_json_schema(by_alias=True)
+    return {"$schema": _JSON_SCHEMA_DIALECT, **schema, "title": _JSON_SCHEMA_TITLE}
+
+
+class InvalidMessage(ValueError):
+    """A queue element that is not a valid wire message; ``errors`` as :func:`format_errors`."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+def decode(raw: bytes) -> tuple[SessionUpdate, dict[str, Any]]:
+    """Parse and validate one queue element.
+
+    Returns the validated model and the parsed JSON object itself, with an ``id``
+    assigned when the producer gave none: the worker sends the body exactly as the
+    producer wrote it, and re-enqueues the object with its bookkeeping for a retry.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage([f"(root): not valid JSON ({exc})"]) from None
+    if not isinstance(data, dict):
+        raise InvalidMessage(["(root): a wire message must be a JSON object"])
+    if data.get("id") is None:
+        data["id"] = uuid.uuid4().hex
+    try:
+        return SessionUpdate.model_validate(data), data
+    except ValidationError as exc:
+        raise InvalidMessage(format_errors(exc)) from None

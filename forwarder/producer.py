@@ -1,0 +1,157 @@
+"""Enqueue session updates from Python services (async and sync).
+
+Every update is validated before anything reaches Redis; a batch is pushed with one
+``LPUSH`` (one round trip, all or nothing). Non-Python producers push the same JSON with
+a plain ``LPUSH {forwarder}:queue '<message>'``.
+
+    producer = Producer.from_url("redis://localhost:6379/0")
+    message_id = await producer.enqueue("12345678", "visitor-1", "session-1", body)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio
+from pydantic import ValidationError
+
+from forwarder.model import SessionUpdate, UpdateSessionBody, format_errors
+from forwarder.queue import Keys
+
+Update = SessionUpdate | Mapping[str, Any]
+
+
+class InvalidUpdate(ValueError):
+    """An update failed validation; nothing of its batch was enqueued.
+
+    ``errors`` are ``"<field path>: <reason>"`` strings; ``index`` is the update's
+    position in its batch.
+    """
+
+    def __init__(self, errors: list[str], index: int = 0) -> None:
+        self.errors = errors
+        self.index = index
+        super().__init__(f"update #{index} is invalid: " + "; ".join(errors))
+
+
+def encode(update: Update, index: int = 0) -> tuple[str, bytes]:
+    """Validate one update and give its id and wire bytes (id and enqueuedAt filled in)."""
+    if isinstance(update, SessionUpdate):
+        data = update.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    else:
+        data = dict(update)
+        try:
+            SessionUpdate.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidUpdate(format_errors(exc), index) from None
+    if data.get("id") is None:
+        data["id"] = uuid.uuid4().hex
+    data.setdefault("enqueuedAt", time.time())
+    return data["id"], orjson.dumps(data)
+
+
+def encode_many(updates: Iterable[Update]) -> tuple[list[str], list[bytes]]:
+    ids: list[str] = []
+    wire: list[bytes] = []
+    for index, update in enumerate(updates):
+        message_id, raw = encode(update, index)
+        ids.append(message_id)
+        wire.append(raw)
+    return ids, wire
+
+
+def make_update(
+    account_id: str,
+    visitor_id: str,
+    session_id: str,
+    body: UpdateSessionBody | Mapping[str, Any],
+    *,
+    id: str | None = None,
+) -> dict[str, Any]:
+    """The wire form of one update, from its parts (validated later, by :func:`encode`)."""
+    if isinstance(body, UpdateSessionBody):
+        body = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    update: dict[str, Any] = {
+        "accountId": account_id,
+        "visitorId": visitor_id,
+        "sessionId": session_id,
+        "body": dict(body),
+    }
+    if id is not None:
+        update["id"] = id
+    return update
+
+
+class Producer:
+    """Async producer over a ``redis.asyncio.Redis`` client."""
+
+    def __init__(self, client: redis.asyncio.Redis, queue: str = "forwarder") -> None:
+        self.client = client
+        self.key = Keys(queue).queue
+
+    @classmethod
+    def from_url(cls, url: str, queue: str = "forwarder") -> Producer:
+        return cls(redis.asyncio.Redis.from_url(url), queue)
+
+    async def enqueue(
+        self,
+        account_id: str,
+        visitor_id: str,
+        session_id: str,
+        body: UpdateSessionBody | Mapping[str, Any],
+        *,
+        id: str | None = None,
+    ) -> str:
+        """Enqueue one update; returns its message id."""
+        update = make_update(account_id, visitor_id, session_id, body, id=id)
+        return (await self.enqueue_many([update]))[0]
+
+    async def enqueue_many(self, updates: Iterable[Update]) -> list[str]:
+        """Validate all, then enqueue all in one round trip; returns their ids in order."""
+        ids, wire = encode_many(updates)
+        if wire:
+            await self.client.lpush(self.key, *wire)
+        return ids
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class SyncProducer:
+    """The same as :class:`Producer`, for code without an event loop."""
+
+    def __init__(self, client: redis.Redis, queue: str = "forwarder") -> None:
+        self.client = client
+        self.key = Keys(queue).queue
+
+    @classmethod
+    def from_url(cls, url: str, queue: str = "forwarder") -> SyncProducer:
+        return cls(redis.Redis.from_url(url), queue)
+
+    def enqueue(
+        self,
+        account_id: str,
+        visitor_id: str,
+        session_id: str,
+        body: UpdateSessionBody | Mapping[str, Any],
+        *,
+        id: str | None = None,
+    ) -> str:
+        """Enqueue one update; returns its message id."""
+        update = make_update(account_id, visitor_id, session_id, body, id=id)
+        return self.enqueue_many([update])[0]
+
+    def enqueue_many(self, updates: Iterable[Update]) -> list[str]:
+        """Validate all, then enqueue all in one round trip; returns their ids in order."""
+        ids, wire = encode_many(updates)
+        if wire:
+            self.client.lpush(self.key, *wire)
+        return ids
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,568 @@
+"""Tests for the wire-message models in forwarder.model."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from forwarder.model import (
+    Cart,
+    CustomerInfo,
+    ErrorInfo,
+    ImpAccept,
+    ImpClose,
+    ImpDisplay,
+    ImpExpanded,
+    ImpTimeout,
+    Lead,
+    MarketingInfo,
+    Personal,
+    ProdView,
+    Purchase,
+    SearchInfo,
+    Service,
+    SessionUpdate,
+    format_errors,
+    message_json_schema,
+)
+
+# The body example from LivePerson's Update Session page, verbatim.
+DOCS_BODY: dict[str, Any] = {
+    "pageId": "4743822558",
+    "impAttributes": [
+        {
+            "type": "impAccept",
+            "campaign": 3115242510,
+            "engId": 3115242810,
+            "revision": 537,
+            "eContext": [{"type": "engagementContext", "id": "1"}],
+        },
+        {
+            "type": "impDisplay",
+            "campaign": 3115242510,
+            "engId": 3115242810,
+            "revision": 537,
+            "eContext": [{"type": "engagementContext", "id": "1"}],
+        },
+    ],
+    "engagementAttributes": [
+        {
+            "type": "personal",
+            "personal": {
+                "contacts": [{"email": "sarah@gmail.com", "phone": "0987653"}],
+                "age": {"age": 30.0, "year": 1986, "month": 7, "day": 22},
+                "firstname": "Sarah",
+                "lastname": "West",
+                "gender": "FEMALE",
+                "company": "liveperson",
+            },
+        }
+    ],
+}
+
+PRODUCTS: list[dict[str, Any]] = [
+    {
+        "product": {"name": "prod1", "category": "category", "sku": "sku", "price": 7.8},
+        "quantity": 1,
+    }
+]
+
+SDE_EXAMPLES: list[tuple[dict[str, Any], type[BaseModel]]] = [
+    (
+        {"type": "cart", "total": 11.7, "currency": "USD", "numItems": 6, "products": PRODUCTS},
+        Cart,
+    ),
+    (
+        {
+            "type": "purchase",
+            "total": 11.7,
+            "currency": "USD",
+            "orderId": "DRV1534XC",
+            "cart": {"numItems": 1, "products": PRODUCTS},
+        },
+        Purchase,
+    ),
+    ({"type": "prodView", "currency": "USD", "products": [{"product": {"name": "p"}}]}, ProdView),
+    ({"type": "searchInfo", "keywords": ["summer", "jacket"]}, SearchInfo),
+    (
+        {
+            "type": "ctmrinfo",
+            "info": {
+                "cstatus": "cancelled",
+                "ctype": "vip",
+                "customerId": "138766AC",
+                "balance": -400.99,
+                "currency": "USD",
+                "socialId": "11256324780",
+                "imei": "3543546543545688",
+                "userName": "user000",
+                "companySize": 500,
+                "companyBranch": "East",
+                "accountName": "bank corp",
+                "role": "broker",
+                "lastPaymentDate": {"day": 15, "month": 10, "year": 2014},
+                "registrationDate": {"day": 23, "month": 5, "year": 2013},
+                "loginStatus": 0,
+                "storeZipCode": "20505",
+                "storeNumber": "123865",
+            },
+        },
+        CustomerInfo,
+    ),
+    (
+        {
+            "type": "mrktInfo",
+            "info": {"channel": "1", "affiliate": "Yahoo", "campaignId": "US coupon campaign"},
+        },
+        MarketingInfo,
+    ),
+    (
+        {
+            "type": "personal",
+            "personal": {
+                "firstname": "John",
+                "lastname": "Doe",
+                "age": {"age": 34, "year": 1980, "month": 4, "day": 15},
+                "contacts": [
+                    {
+                        "email": "myname@example.com",
+                        "phone": "+1 212-788-8877",
+                        "phoneType": "MOBILE",
+                        "address": {"country": "US", "region": "NY"},
+                    }
+                ],
+                "gender": "MALE",
+                "language": "en-US",
+                "company": "company",
+            },
+        },
+        Personal,
+    ),
+    (
+        {
+            "type": "lead",
+            "lead": {
+                "topic": "luxury car test drive 2015",
+                "value": 22.22,
+                "currency": "USD",
+                "leadId": "xyz123",
+            },
+        },
+        Lead,
+    ),
+    (
+        {
+            "type": "service",
+            "service": {
+                "topic": "order checkbook",
+                "status": 0,
+                "category": "finance",
+                "serviceId": "service12",
+            },
+        },
+        Service,
+    ),
+    (
+        {
+            "type": "error",
+            "error": {
+                "contextId": "111",
+                "message": "Expiration date is invalid",
+                "code": "er100004",
+                "level": 10,
+                "resolved": False,
+            },
+        },
+        ErrorInfo,
+    ),
+]
+
+IMPRESSION_EXAMPLES: list[tuple[dict[str, Any], type[BaseModel]]] = [
+    (DOCS_BODY["impAttributes"][1], ImpDisplay),
+    (DOCS_BODY["impAttributes"][0], ImpAccept),
+    (
+        {
+            "type": "impExpanded",
+            "expanded": None,
+            "userInit": None,
+            "actionableItems": None,
+            "campaign": None,
+            "engId": None,
+            "revision": None,
+        },
+        ImpExpanded,
+    ),
+    (
+        {"type": "impTimeout", "campaign": 3115242510, "engId": 3115242810, "revision": 537},
+        ImpTimeout,
+    ),
+    ({"type": "impClose", "campaign": 3115242510, "engId": 3115242810, "revision": 537}, ImpClose),
+]
+
+
+def message(body: Any = None, **envelope: Any) -> dict[str, Any]:
+    """A valid wire message, with the body and envelope keys overridden."""
+    msg: dict[str, Any] = {
+        "id": "m-1",
+        "accountId": "12345678",
+        "visitorId": "v1",
+        "sessionId": "s1",
+        "body": copy.deepcopy(DOCS_BODY) if body is None else body,
+        "enqueuedAt": 1764380000.123,
+        "attempts": 0,
+        "lastError": None,
+        "replayed": 0,
+    }
+    msg.update(envelope)
+    return msg
+
+
+def sde_message(sde: object) -> dict[str, Any]:
+    return message({"pageId": "p1", "engagementAttributes": [sde]})
+
+
+def errors_of(data: object) -> list[str]:
+    with pytest.raises(ValidationError) as info:
+        SessionUpdate.model_validate(data)
+    return format_errors(info.value)
+
+
+def test_docs_example_validates_and_round_trips() -> None:
+    update = SessionUpdate.model_validate(message())
+
+    assert update.account_id == "12345678"
+    assert update.enqueued_at == 1764380000.123
+    assert update.body.page_id == "4743822558"
+    assert update.body.imp_attributes is not None
+    assert [type(e) for e in update.body.imp_attributes] == [ImpAccept, ImpDisplay]
+    assert update.body.engagement_attributes is not None
+    personal = update.body.engagement_attributes[0]
+    assert isinstance(personal, Personal)
+    assert personal.personal.gender == "FEMALE"
+    assert personal.personal.age is not None
+    assert personal.personal.age.age == 30.0
+    assert update.body.model_dump(exclude_unset=True) == DOCS_BODY
+
+
+def test_envelope_serializes_with_wire_names() -> None:
+    dumped = SessionUpdate.model_validate(message()).model_dump(mode="json")
+
+    assert set(dumped) == {
+        "id",
+        "accountId",
+        "visitorId",
+        "sessionId",
+        "body",
+        "enqueuedAt",
+        "attempts",
+        "lastError",
+        "replayed",
+    }
+    assert dumped["body"]["impAttributes"][0]["eContext"] == [
+        {"type": "engagementContext", "id": "1"}
+    ]
+
+
+def test_bookkeeping_fields_are_optional() -> None:
+    update = SessionUpdate.model_validate(
+        {"accountId": "a_1", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
+    )
+
+    assert (update.id, update.enqueued_at, update.attempts, update.last_error) == (
+        None,
+        None,
+        0,
+        None,
+    )
+    assert update.replayed == 0
+
+
+def test_snake_case_names_are_accepted() -> None:
+    update = SessionUpdate.model_validate(
+        {"account_id": "1", "visitor_id": "v", "session_id": "s", "body": {"page_id": "p"}}
+    )
+
+    assert update.model_dump(exclude_unset=True) == {
+        "accountId": "1",
+        "visitorId": "v",
+        "sessionId": "s",
+        "body": {"pageId": "p"},
+    }
+
+
+@pytest.mark.parametrize(("sde", "model"), SDE_EXAMPLES, ids=[m.__name__ for _, m in SDE_EXAMPLES])
+def test_each_engagement_attribute_type_validates(
+    sde: dict[str, Any], model: type[BaseModel]
+) -> None:
+    update = SessionUpdate.model_validate(sde_message(sde))
+
+    assert update.body.engagement_attributes is not None
+    assert type(update.body.engagement_attributes[0]) is model
+    assert update.body.model_dump(exclude_unset=True)["engagementAttributes"] == [sde]
+
+
+@pytest.mark.parametrize(
+    ("event", "model"), IMPRESSION_EXAMPLES, ids=[m.__name__ for _, m in IMPRESSION_EXAMPLES]
+)
+def test_each_impression_event_type_validates(
+    event: dict[str, Any], model: type[BaseModel]
+) -> None:
+    update = SessionUpdate.model_validate(message({"pageId": "p1", "impAttributes": [event]}))
+
+    assert update.body.imp_attributes is not None
+    assert type(update.body.imp_attributes[0]) is model
+    assert update.body.model_dump(exclude_unset=True)["impAttributes"] == [event]
+
+
+@pytest.mark.parametrize("gender", ["FEMALE", "MALE", 0, 1, 2])
+def test_gender_accepts_documented_ints_and_strings(gender: int | str) -> None:
+    update = SessionUpdate.model_validate(
+        sde_message({"type": "personal", "personal": {"gender": gender}})
+    )
+
+    assert update.body.engagement_attributes is not None
+    sde = update.body.engagement_attributes[0]
+    assert isinstance(sde, Personal)
+    assert sde.personal.gender == gender
+
+
+@pytest.mark.parametrize("gender", [3, -1, True, 1.0, ["MALE"]])
+def test_gender_rejects_other_values_with_one_error(gender: object) -> None:
+    errors = errors_of(sde_message({"type": "personal", "personal": {"gender": gender}}))
+
+    assert errors == [
+        "body.engagementAttributes.0.personal.gender: "
+        "Input should be 0, 1, 2 or a string such as 'MALE'"
+    ]
+
+
+@pytest.mark.parametrize("channel", ["1", 1, 0, "6"])
+def test_channel_accepts_int_and_numeric_string(channel: int | str) -> None:
+    update = SessionUpdate.model_validate(
+        sde_message({"type": "mrktInfo", "info": {"channel": channel}})
+    )
+
+    assert update.body.engagement_attributes is not None
+    sde = update.body.engagement_attributes[0]
+    assert isinstance(sde, MarketingInfo)
+    assert sde.info.channel == channel
+
+
+@pytest.mark.parametrize("channel", [7, "7", "one", True, 1.0])
+def test_channel_rejects_other_values(channel: object) -> None:
+    assert errors_of(sde_message({"type": "mrktInfo", "info": {"channel": channel}})) == [
+        "body.engagementAttributes.0.info.channel: "
+        "Input should be an integer 0 to 6, or the same as a string"
+    ]
+
+
+def test_missing_page_id_is_reported_at_body_page_id() -> None:
+    assert errors_of(message({"impAttributes": []})) == ["body.pageId: Field required"]
+
+
+def test_impression_event_in_engagement_attributes_is_rejected() -> None:
+    sde = {"type": "impDisplay", "campaign": 1, "engId": 2, "revision": 3}
+
+    assert errors_of(sde_message(sde)) == [
+        "body.engagementAttributes.0.type: 'impDisplay' is an impression event type: "
+        "impression events belong in impAttributes, not engagementAttributes"
+    ]
+
+
+def test_engagement_attribute_in_imp_attributes_is_rejected() -> None:
+    body = {"pageId": "p", "impAttributes": [{"type": "cart", "total": 1, "numItems": 1}]}
+
+    assert errors_of(message(body)) == [
+        "body.impAttributes.0.type: 'cart' is an engagement attribute type: "
+        "engagement attributes belong in engagementAttributes, not impAttributes"
+    ]
+
+
+def test_unknown_engagement_type_lists_known_types() -> None:
+    assert errors_of(sde_message({"type": "wishlist"})) == [
+        "body.engagementAttributes.0.type: unknown engagement attribute type 'wishlist'; "
+        "known types: cart, purchase, prodView, searchInfo, ctmrinfo, mrktInfo, personal, "
+        "lead, service, error"
+    ]
+
+
+def test_unknown_impression_type_lists_known_types() -> None:
+    assert errors_of(message({"pageId": "p", "impAttributes": [{"type": "impHover"}]})) == [
+        "body.impAttributes.0.type: unknown impression event type 'impHover'; "
+        "known types: impDisplay, impAccept, impExpanded, impTimeout, impClose"
+    ]
+
+
+@pytest.mark.parametrize("sde", [{"total": 1, "numItems": 1}, {"type": None}])
+def test_missing_type_is_reported_at_type(sde: dict[str, Any]) -> None:
+    assert errors_of(sde_message(sde)) == [
+        "body.engagementAttributes.0.type: Field required; known engagement attribute types: "
+        "cart, purchase, prodView, searchInfo, ctmrinfo, mrktInfo, personal, lead, service, error"
+    ]
+
+
+@pytest.mark.parametrize("tag", [5, ["cart"], {"a": 1}])
+def test_non_string_type_is_reported_as_unknown(tag: object) -> None:
+    (error,) = errors_of(sde_message({"type": tag}))
+
+    assert error.startswith(
+        f"body.engagementAttributes.0.type: unknown engagement attribute type {tag!r}; "
+    )
+
+
+def test_non_object_item_is_rejected_at_its_index() -> None:
+    assert errors_of(sde_message("cart")) == [
+        "body.engagementAttributes.0: "
+        "Input should be a valid dictionary or object to extract fields from"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("total", "message_text"),
+    [
+        ("abc", "Input should be a valid number"),
+        (True, "Input should be a valid number"),
+        ("12.5", "Input should be a valid number"),
+        (None, "Input should be a valid number"),
+    ],
+)
+def test_wrong_number_type_is_reported_at_the_field(total: object, message_text: str) -> None:
+    sde = {"type": "cart", "total": total, "numItems": 1}
+
+    assert errors_of(sde_message(sde)) == [f"body.engagementAttributes.0.total: {message_text}"]
+
+
+def test_mandatory_cart_fields_are_required() -> None:
+    assert errors_of(sde_message({"type": "cart"})) == [
+        "body.engagementAttributes.0.total: Field required",
+        "body.engagementAttributes.0.numItems: Field required",
+    ]
+
+
+def test_nested_errors_use_the_path_the_producer_wrote() -> None:
+    personal = {"type": "personal", "personal": {"age": {"age": "30"}}}
+    contact = {"phoneType": "CELL", "address": {"country": "USA"}}
+    info = {"type": "ctmrinfo", "info": {"companySize": 1.5}}
+    service = {"type": "service", "service": {"status": 14}}
+    body = {
+        "pageId": "p",
+        "engagementAttributes": [
+            personal,
+            {"type": "personal", "personal": {"contacts": [contact]}},
+            info,
+            service,
+        ],
+    }
+
+    assert errors_of(message(body)) == [
+        "body.engagementAttributes.0.personal.age.age: Input should be a valid number",
+        "body.engagementAttributes.1.personal.contacts.0.phoneType: "
+        "Input should be 'HOME', 'MOBILE', 'WORK', 'FAX', 'MAIN', 'HOME_FAX', 'WORK_FAX', "
+        "'PAGER' or 'OTHER'",
+        "body.engagementAttributes.1.personal.contacts.0.address.country: "
+        "String should match pattern '^[A-Za-z]{2}$'",
+        "body.engagementAttributes.2.info.companySize: Input should be a valid integer",
+        "body.engagementAttributes.3.service.status: Input should be less than or equal to 13",
+    ]
+
+
+def test_integers_reject_floats_and_bools() -> None:
+    body = {"pageId": "p", "impAttributes": [{"type": "impClose", "campaign": 1.0, "engId": True}]}
+
+    assert errors_of(message(body)) == [
+        "body.impAttributes.0.campaign: Input should be a valid integer",
+        "body.impAttributes.0.engId: Input should be a valid integer",
+    ]
+
+
+def test_extra_fields_inside_the_body_pass_through() -> None:
+    sde = {"type": "cart", "total": 1.5, "numItems": 1, "promo": {"code": "X"}}
+    body = {"pageId": "p", "engagementAttributes": [sde], "futureField": [1, 2]}
+
+    update = SessionUpdate.model_validate(message(body))
+
+    assert update.body.model_dump(exclude_unset=True) == body
+    assert update.body.engagement_attributes is not None
+    assert update.body.engagement_attributes[0].model_extra == {"promo": {"code": "X"}}
+
+
+@pytest.mark.parametrize("account_id", ["1234/5678", "a" * 21, "", "12 34", "../x", 12345678])
+def test_bad_account_id_is_rejected(account_id: object) -> None:
+    (error,) = errors_of(message(accountId=account_id))
+
+    assert error.startswith("accountId: ")
+
+
+def test_account_id_pattern_is_named_in_the_error() -> None:
+    assert errors_of(message(accountId="1234/5678")) == [
+        "accountId: String should match pattern '^[A-Za-z0-9_]{1,20}$'"
+    ]
+
+
+@pytest.mark.parametrize("field", ["visitorId", "sessionId"])
+@pytest.mark.parametrize("value", ["", "a\nb", "tab\there", "x" * 257, "nul\x00", 7])
+def test_bad_visitor_and_session_ids_are_rejected(field: str, value: object) -> None:
+    (error,) = errors_of(message(**{field: value}))
+
+    assert error.startswith(f"{field}: ")
+
+
+def test_unknown_envelope_field_is_rejected() -> None:
+    msg = message()
+    msg["sesionId"] = msg.pop("sessionId")
+
+    assert errors_of(msg) == [
+        "sessionId: Field required",
+        "sesionId: Extra inputs are not permitted",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("attempts", -1), ("replayed", -1), ("attempts", "1"), ("enqueuedAt", "now"), ("id", "")],
+)
+def test_bad_bookkeeping_values_are_rejected(field: str, value: object) -> None:
+    (error,) = errors_of(message(**{field: value}))
+
+    assert error.startswith(f"{field}: ")
+
+
+def test_format_errors_on_non_object_input() -> None:
+    assert errors_of(["not", "an", "object"]) == [
+        "(root): Input should be a valid dictionary or instance of SessionUpdate"
+    ]
+
+
+def test_format_errors_on_non_object_body() -> None:
+    assert errors_of(message("body")) == [
+        "body: Input should be a valid dictionary or instance of UpdateSessionBody"
+    ]
+
+
+def test_json_schema_describes_the_wire_message() -> None:
+    schema = message_json_schema()
+
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["title"] == "Forwarder session update"
+    assert schema["required"] == ["accountId", "visitorId", "sessionId", "body"]
+    assert schema["additionalProperties"] is False
+    assert all(prop.get("description") for prop in schema["properties"].values())
+    body = schema["$defs"]["UpdateSessionBody"]
+    assert body["required"] == ["pageId"]
+    assert schema["$defs"]["Cart"]["required"] == ["type", "total", "numItems"]
+    assert json.loads(json.dumps(schema)) == schema
+
+
+def test_json_schema_maps_every_type_tag() -> None:
+    body = message_json_schema()["$defs"]["UpdateSessionBody"]["properties"]
+
+    def mapping(field: str) -> set[str]:
+        items = body[field]["anyOf"][0]["items"]
+        return set(items["discriminator"]["mapping"])
+
+    assert mapping("impAttributes") == {event["type"] for event, _ in IMPRESSION_EXAMPLES}
+    assert mapping("engagementAttributes") == {sde["type"] for sde, _ in SDE_EXAMPLES}

@@ -1,0 +1,284 @@
+"""The worker against a real Redis and the stand-in API over loopback: every outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+from typing import Any, cast
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from forwarder.producer import Producer, make_update
+from forwarder.queue import Keys
+from forwarder.standin import Received, StandIn
+from tests.support import fast_settings, running_worker, wait_until
+
+KEYS = Keys("forwarder")
+BODY: dict[str, Any] = {
+    "pageId": "4743822558",
+    "engagementAttributes": [{"type": "cart", "total": 11.7, "numItems": 6}],
+}
+
+
+def update(visitor: str, session: str = "s1", **extra: Any) -> dict[str, Any]:
+    return {**make_update("12345678", visitor, session, BODY), **extra}
+
+
+async def enqueue(redis_url: str, *updates: dict[str, Any]) -> list[str]:
+    producer = Producer.from_url(redis_url)
+    try:
+        return await producer.enqueue_many(updates)
+    finally:
+        await producer.aclose()
+
+
+async def dead_records(redis: Redis) -> list[dict[str, Any]]:
+    return [orjson.loads(r) for r in await redis.lrange(KEYS.dead, 0, -1)]
+
+
+async def assert_drained(redis: Redis) -> None:
+    """Nothing pending, waiting or in flight, and no worker registered."""
+    assert await redis.llen(KEYS.queue) == 0
+    assert await redis.zcard(KEYS.delayed) == 0
+    assert await redis.zcard(KEYS.workers) == 0
+    assert await redis.keys(KEYS.inflight_prefix + "*") == []
+
+
+def arrivals(api: StandIn, visitor: str) -> list[Received]:
+    return [r for r in api.requests if r.visitor_id == visitor]
+
+
+async def test_delivers_each_update_once_with_the_documented_request(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    ids = await enqueue(redis_url, *(update(f"ok-{i}", f"sess {i}") for i in range(20)))
+    async with running_worker(fast_settings(redis_url, standin)):
+        await standin.wait_for(lambda api: len(api.delivered) == 20, 10)
+    assert len(set(ids)) == 20
+    first = arrivals(standin, "ok-0")[0]
+    assert (first.method, first.account_id, first.version) == ("PUT", "12345678", "1.0")
+    assert first.session_id == "sess 0"
+    assert first.body == BODY
+    assert sorted(r.visitor_id for r in standin.delivered) == sorted(f"ok-{i}" for i in range(20))
+    assert await dead_records(redis_client) == []
+    await assert_drained(redis_client)
+
+
+async def test_takes_the_oldest_first(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, *(update(f"ok-{i}") for i in range(30)))
+    async with running_worker(fast_settings(redis_url, standin, concurrency=1)):
+        await standin.wait_for(lambda api: len(api.delivered) == 30, 10)
+    assert [r.visitor_id for r in standin.delivered] == [f"ok-{i}" for i in range(30)]
+
+
+@pytest.mark.parametrize(("visitor", "status", "code"), [("bad-1", 400, 5), ("gone-1", 404, 37)])
+async def test_client_error_is_dead_lettered_at_once_with_the_error_entity(
+    redis_url: str, redis_client: Redis, standin: StandIn, visitor: str, status: int, code: int
+) -> None:
+    sent = update(visitor)
+    [message_id] = await enqueue(redis_url, sent)
+    async with running_worker(fast_settings(redis_url, standin)):
+        await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert len(arrivals(standin, visitor)) == 1
+    assert record["id"] == message_id
+    assert (record["reason"], record["status"], record["attempts"]) == ("client_error", status, 1)
+    assert record["error"]["internalCode"] == code
+    assert isinstance(record["error"]["time"], int)
+    assert record["message"]["id"] == message_id
+    assert record["message"]["body"] == BODY
+    assert record["message"]["visitorId"] == visitor
+    assert "attempts" not in record["message"]
+    assert dt.datetime.fromisoformat(record["deadAt"]).tzinfo is not None
+    await assert_drained(redis_client)
+
+
+async def test_server_error_is_retried_on_schedule_then_delivered(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, update("flaky2-a"))
+    async with running_worker(fast_settings(redis_url, standin)):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    times = [r.at for r in arrivals(standin, "flaky2-a")]
+    assert [r.status for r in arrivals(standin, "flaky2-a")] == [503, 503, 200]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert 0.2 <= gaps[0] < 0.35
+    assert 0.4 <= gaps[1] < 0.55
+    assert await dead_records(redis_client) == []
+    await assert_drained(redis_client)
+
+
+async def test_retries_exhausted_after_the_last_delay(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    [message_id] = await enqueue(redis_url, update("down-1"))
+    async with running_worker(fast_settings(redis_url, standin)):
+        await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
+    times = [r.at for r in arrivals(standin, "down-1")]
+    assert len(times) == 4
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    for gap, delay in zip(gaps, (0.2, 0.4, 0.6), strict=True):
+        assert delay <= gap < delay + 0.15
+    [record] = await dead_records(redis_client)
+    assert record["id"] == message_id
+    assert (record["reason"], record["status"], record["attempts"]) == ("retries_exhausted", 503, 4)
+    assert record["lastError"] == "http_503"
+    await assert_drained(redis_client)
+
+
+@pytest.mark.parametrize(
+    ("visitor", "failure"), [("slow1500-x", "timeout"), ("drop-x", "connection")]
+)
+async def test_timeouts_and_dropped_connections_are_retried(
+    redis_url: str, redis_client: Redis, standin: StandIn, visitor: str, failure: str
+) -> None:
+    await enqueue(redis_url, update(visitor))
+    settings = fast_settings(redis_url, standin, request_timeout=0.3, retry_delays=(0.1,))
+    async with running_worker(settings):
+        await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert (record["reason"], record["status"], record["attempts"]) == ("retries_exhausted", None, 2)
+    assert not standin.delivered
+    assert record["error"] is None
+    assert record["lastError"] == failure
+    await assert_drained(redis_client)
+
+
+async def test_waiting_retries_are_kept_in_the_delayed_set(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    [message_id] = await enqueue(redis_url, update("down-1"))
+    async with running_worker(fast_settings(redis_url, standin, retry_delays=(30.0,))):
+        await wait_until(lambda: _zcard(redis_client, 1), 5, "a delayed retry")
+        waiting_list = await redis_client.zrange(KEYS.delayed, 0, -1, withscores=True)
+        [(raw, due)] = cast(list[tuple[bytes, float]], waiting_list)
+        seconds, micros = await redis_client.time()
+        server_now = seconds + micros / 1e6
+        waiting = orjson.loads(raw)
+        assert (waiting["id"], waiting["attempts"], waiting["lastError"]) == (
+            message_id,
+            1,
+            "http_503",
+        )
+        assert 28 < due - server_now <= 30
+    assert await redis_client.zcard(KEYS.delayed) == 1  # a stopped worker keeps it waiting
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'"a string"',
+        b'{"accountId": "1", "visitorId": "v", "sessionId": "s"}',
+        b'{"accountId": "a/b", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}',
+        b"\xff\xfe{}",
+    ],
+)
+async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
+    redis_url: str, redis_client: Redis, standin: StandIn, element: bytes
+) -> None:
+    await enqueue(redis_url, update("ok-before"))
+    await redis_client.lpush(KEYS.queue, element)
+    await enqueue(redis_url, update("ok-after"))
+    async with running_worker(fast_settings(redis_url, standin)):
+        await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert record["reason"] == "invalid_message"
+    assert record["message"] is None
+    assert record["raw"] == element.decode("utf-8", errors="backslashreplace")
+    assert record["errors"]
+    assert all(isinstance(e, str) for e in record["errors"])
+    await assert_drained(redis_client)
+
+
+async def test_a_message_without_id_gets_one(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    raw = orjson.dumps(update("bad-raw"))  # as a plain LPUSH from another language
+    await redis_client.lpush(KEYS.queue, raw)
+    async with running_worker(fast_settings(redis_url, standin)):
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert len(record["id"]) >= 16
+    assert record["message"]["id"] == record["id"]
+
+
+async def test_domain_is_looked_up_once_per_account_and_cached(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, *(update(f"ok-{i}") for i in range(10)))
+    settings = fast_settings(
+        redis_url, standin, api_base_url=None, domain_api_url=standin.base_url, api_scheme="http"
+    )
+    async with running_worker(settings):
+        await standin.wait_for(lambda api: len(api.delivered) == 10, 10)
+    assert len(standin.domain_requests) == 1
+
+
+async def test_failed_domain_lookup_counts_like_a_server_error(
+    redis_url: str, redis_client: Redis
+) -> None:
+    async with StandIn(domain_fail_accounts={"12345678"}) as api:
+        await enqueue(redis_url, update("ok-1"))
+        settings = fast_settings(
+            redis_url,
+            api,
+            api_base_url=None,
+            domain_api_url=api.base_url,
+            api_scheme="http",
+            retry_delays=(0.1, 0.1),
+        )
+        async with running_worker(settings):
+            await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
+        assert api.requests == []
+    [record] = await dead_records(redis_client)
+    assert (record["reason"], record["attempts"], record["lastError"]) == (
+        "retries_exhausted",
+        3,
+        "domain_lookup",
+    )
+
+
+async def test_clean_stop_returns_unfinished_messages_and_leaves_no_keys(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    ids = await enqueue(redis_url, *(update(f"slow5000-{i}") for i in range(5)))
+    settings = fast_settings(redis_url, standin, shutdown_grace=0.3, request_timeout=10)
+    async with running_worker(settings) as worker:
+        inflight = KEYS.inflight(worker.id)
+        await wait_until(lambda: _llen(redis_client, inflight, 5), 5, "5 in flight")
+        await asyncio.sleep(0.2)  # the PUTs are on their way
+    pending = [orjson.loads(r)["id"] for r in await redis_client.lrange(KEYS.queue, 0, -1)]
+    assert sorted(pending) == sorted(ids)
+    assert await redis_client.keys(KEYS.inflight_prefix + "*") == []
+    assert await redis_client.zcard(KEYS.workers) == 0
+
+
+async def test_stop_waits_for_deliveries_within_the_grace_period(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, *(update(f"slow300-{i}") for i in range(5)))
+    async with running_worker(fast_settings(redis_url, standin, shutdown_grace=5)) as worker:
+        inflight = KEYS.inflight(worker.id)
+        await wait_until(lambda: _llen(redis_client, inflight, 5), 5, "5 in flight")
+    assert len(standin.delivered) == 5
+    await assert_drained(redis_client)
+
+
+async def _dead_count(redis: Redis, n: int) -> bool:
+    return int(await redis.llen(KEYS.dead)) >= n
+
+
+async def _llen(redis: Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n
+
+
+async def _zcard(redis: Redis, n: int) -> bool:
+    return int(await redis.zcard(KEYS.delayed)) >= n
