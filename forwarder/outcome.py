@@ -21,7 +21,7 @@ from typing import Any, Literal
 import orjson
 
 from forwarder.client import Attempt
-from forwarder.queue import Settlement
+from forwarder.queue import Claimed, Settlement
 
 Reason = Literal["client_error", "retries_exhausted", "invalid_message"]
 
@@ -40,7 +40,7 @@ class Outcome:
 
 
 def after_attempt(
-    raw: bytes, message: dict[str, Any], attempt: Attempt, delays: Sequence[float]
+    claimed: Claimed, message: dict[str, Any], attempt: Attempt, delays: Sequence[float]
 ) -> Outcome:
     """Decide what to do with ``message`` (its parsed wire form) after ``attempt``."""
     number = int(message.get("attempts", 0)) + 1
@@ -53,19 +53,21 @@ def after_attempt(
     }
     status = attempt.status
     if status is not None and 200 <= status < 300:
-        return Outcome(Settlement("ack", raw), "delivered", fields)
+        return Outcome(Settlement("ack", claimed.token), "delivered", fields)
     if status is not None and 400 <= status < 500:
-        return _dead(raw, message, attempt, number, "client_error", fields)
+        return _dead(claimed, message, attempt, number, "client_error", fields)
     fields["failure"] = attempt.describe
     if number > len(delays):
-        return _dead(raw, message, attempt, number, "retries_exhausted", fields)
+        return _dead(claimed, message, attempt, number, "retries_exhausted", fields)
     delay = delays[number - 1]
     retry = {**message, "attempts": number, "lastError": attempt.describe}
     fields["delay"] = delay
-    return Outcome(Settlement("retry", raw, orjson.dumps(retry), delay), "retry_scheduled", fields)
+    return Outcome(
+        Settlement("retry", claimed.token, orjson.dumps(retry), delay), "retry_scheduled", fields
+    )
 
 
-def invalid(raw: bytes, errors: list[str]) -> Outcome:
+def invalid(claimed: Claimed, errors: list[str]) -> Outcome:
     """Dead-letter a queue element that is not a valid wire message."""
     record = {
         "id": uuid.uuid4().hex,
@@ -75,16 +77,16 @@ def invalid(raw: bytes, errors: list[str]) -> Outcome:
         "attempts": 0,
         "deadAt": _now_iso(),
         "message": None,
-        "raw": raw.decode("utf-8", errors="backslashreplace"),
+        "raw": claimed.raw.decode("utf-8", errors="backslashreplace"),
         "errors": errors,
     }
     # Only the error paths are logged: the texts may quote the payload.
     fields = {"id": record["id"], "reason": "invalid_message", "errors": len(errors)}
-    return Outcome(Settlement("dead", raw, orjson.dumps(record)), "dead_lettered", fields)
+    return Outcome(Settlement("dead", claimed.token, orjson.dumps(record)), "dead_lettered", fields)
 
 
 def _dead(
-    raw: bytes,
+    claimed: Claimed,
     message: dict[str, Any],
     attempt: Attempt,
     number: int,
@@ -105,7 +107,7 @@ def _dead(
     fields["reason"] = reason
     if error is not None:
         fields["internal_code"] = error["internalCode"]
-    return Outcome(Settlement("dead", raw, orjson.dumps(record)), "dead_lettered", fields)
+    return Outcome(Settlement("dead", claimed.token, orjson.dumps(record)), "dead_lettered", fields)
 
 
 def _now_iso() -> str:

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import aiohttp
@@ -26,10 +26,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from forwarder import outcome
 from forwarder.client import Attempt, EngagementClient
+from forwarder.connections import redis_client
 from forwarder.domain import DomainResolver
 from forwarder.model import InvalidMessage, decode
 from forwarder.outcome import Outcome
-from forwarder.queue import Queue
+from forwarder.queue import Claimed, Queue
 from forwarder.settings import Settings
 
 log = structlog.get_logger("forwarder.worker")
@@ -105,20 +106,21 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             try:
-                raws = await self.queue.claim(min(free, self.settings.claim_batch))
-                if not raws:
-                    raw = await self.queue.claim_blocking(BLOCK_SECONDS)
-                    raws = [raw] if raw is not None and not self._stopping.is_set() else []
+                claimed = await self.queue.claim(min(free, self.settings.claim_batch))
+                if not claimed:
+                    # What the blocking pop takes waits in staging for the next claim;
+                    # on a stop, the release gives it back.
+                    await self.queue.wait(BLOCK_SECONDS)
             except REDIS_DOWN as exc:
                 log.warning("redis_unavailable", during="claim", error=type(exc).__name__)
                 await backoff.sleep()
                 continue
             backoff.reset()
-            for raw in raws:
-                self._start(raw)
+            for one in claimed:
+                self._start(one)
 
-    def _start(self, raw: bytes) -> None:
-        task = asyncio.create_task(self._handle(raw))
+    def _start(self, claimed: Claimed) -> None:
+        task = asyncio.create_task(self._handle(claimed))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
@@ -126,11 +128,11 @@ class Worker:
         self._tasks.discard(task)
         self._slot_free.set()
 
-    async def _handle(self, raw: bytes) -> None:
+    async def _handle(self, claimed: Claimed) -> None:
         try:
-            message, data = decode(raw)
+            message, data = decode(claimed.raw)
         except InvalidMessage as exc:
-            self._outcomes.put_nowait(outcome.invalid(raw, exc.errors))
+            self._outcomes.put_nowait(outcome.invalid(claimed, exc.errors))
             return
         started = time.perf_counter()
         try:
@@ -140,7 +142,7 @@ class Worker:
             log.exception("delivery_crashed", id=data["id"], account=message.account_id)
             attempt = Attempt(None, time.perf_counter() - started, failure="internal")
         self._outcomes.put_nowait(
-            outcome.after_attempt(raw, data, attempt, self.settings.retry_delays)
+            outcome.after_attempt(claimed, data, attempt, self.settings.retry_delays)
         )
 
     async def _drain(self) -> None:
@@ -160,13 +162,24 @@ class Worker:
             while len(batch) < SETTLE_BATCH and not self._outcomes.empty():
                 batch.append(self._outcomes.get_nowait())
             settle = functools.partial(self.queue.settle, [o.settlement for o in batch])
-            settled = await _until_redis(settle)
-            for done, result in zip(settled, batch, strict=True):
-                if done:
-                    log.info(result.event, **result.fields)
-                else:
-                    log.warning("settle_orphaned", **result.fields)
+            acked, kept = await _until_redis(settle)
+            self._report(batch, acked, iter(kept))
+            for _ in batch:
                 self._outcomes.task_done()
+
+    def _report(self, batch: list[Outcome], acked: int, kept: Iterator[bool]) -> None:
+        acks = 0
+        for result in batch:
+            if result.settlement.op == "ack":
+                acks += 1
+                log.info(result.event, **result.fields)
+            elif next(kept):
+                log.info(result.event, **result.fields)
+            else:
+                log.warning("settle_orphaned", event_dropped=result.event, **result.fields)
+        if acked < acks:
+            # Given back while being delivered: another worker will deliver them again.
+            log.warning("acks_orphaned", worker=self.id, count=acks - acked)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -241,7 +254,7 @@ def build_client(settings: Settings, session: aiohttp.ClientSession) -> Engageme
 
 async def serve(settings: Settings, *, on_ready: Callable[[Worker], Any] | None = None) -> None:
     """Run one worker with its own Redis connection pool and HTTP session."""
-    redis = Redis.from_url(settings.redis_url, decode_responses=False)
+    redis = redis_client(settings)
     connector = aiohttp.TCPConnector(limit=settings.concurrency, keepalive_timeout=30)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:

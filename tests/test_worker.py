@@ -45,6 +45,7 @@ async def assert_drained(redis: Redis) -> None:
     assert await redis.zcard(KEYS.delayed) == 0
     assert await redis.zcard(KEYS.workers) == 0
     assert await redis.keys(KEYS.inflight_prefix + "*") == []
+    assert await redis.keys(KEYS.staging_prefix + "*") == []
 
 
 def arrivals(api: StandIn, visitor: str) -> list[Received]:
@@ -142,7 +143,11 @@ async def test_timeouts_and_dropped_connections_are_retried(
     async with running_worker(settings):
         await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
     [record] = await dead_records(redis_client)
-    assert (record["reason"], record["status"], record["attempts"]) == ("retries_exhausted", None, 2)
+    assert (record["reason"], record["status"], record["attempts"]) == (
+        "retries_exhausted",
+        None,
+        2,
+    )
     assert not standin.delivered
     assert record["error"] is None
     assert record["lastError"] == failure
@@ -253,7 +258,7 @@ async def test_clean_stop_returns_unfinished_messages_and_leaves_no_keys(
     settings = fast_settings(redis_url, standin, shutdown_grace=0.3, request_timeout=10)
     async with running_worker(settings) as worker:
         inflight = KEYS.inflight(worker.id)
-        await wait_until(lambda: _llen(redis_client, inflight, 5), 5, "5 in flight")
+        await wait_until(lambda: _hlen(redis_client, inflight, 5), 5, "5 in flight")
         await asyncio.sleep(0.2)  # the PUTs are on their way
     pending = [orjson.loads(r)["id"] for r in await redis_client.lrange(KEYS.queue, 0, -1)]
     assert sorted(pending) == sorted(ids)
@@ -267,7 +272,7 @@ async def test_stop_waits_for_deliveries_within_the_grace_period(
     await enqueue(redis_url, *(update(f"slow300-{i}") for i in range(5)))
     async with running_worker(fast_settings(redis_url, standin, shutdown_grace=5)) as worker:
         inflight = KEYS.inflight(worker.id)
-        await wait_until(lambda: _llen(redis_client, inflight, 5), 5, "5 in flight")
+        await wait_until(lambda: _hlen(redis_client, inflight, 5), 5, "5 in flight")
     assert len(standin.delivered) == 5
     await assert_drained(redis_client)
 
@@ -276,8 +281,8 @@ async def _dead_count(redis: Redis, n: int) -> bool:
     return int(await redis.llen(KEYS.dead)) >= n
 
 
-async def _llen(redis: Redis, key: str, n: int) -> bool:
-    return int(await redis.llen(key)) >= n
+async def _hlen(redis: Redis, key: str, n: int) -> bool:
+    return int(await redis.hlen(key)) >= n
 
 
 async def _zcard(redis: Redis, n: int) -> bool:
