@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import sys
 from collections import Counter
@@ -143,6 +144,8 @@ MALFORMED = [b"not json at all", b'{"accountId": "123", "body": {}}', b"[1, 2, 3
 def samples(count: int) -> list[dict[str, Any]]:
     """``count`` wire messages cycling through the sample bodies and the outcome mix."""
     kinds = [prefix for prefix, share in MIX for _ in range(round(share * 100))]
+    # Spread the outcomes evenly, so a short demo shows each of them.
+    random.Random(0).shuffle(kinds)
     return [
         make_update(
             "12345678",
@@ -227,10 +230,13 @@ async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
     worker = await worker_ready
     redis = Redis.from_url(settings.redis_url)
     keys = Keys(settings.queue)
+    shown: dict[str, int] = {}
     try:
         while not interrupted.is_set():
             counts = await _counts(redis, keys, api)
-            _show(counts)
+            if counts != shown:
+                _show(counts)
+                shown = counts
             if counts["delivered"] + counts["dead"] >= enqueued:
                 break
             with contextlib.suppress(TimeoutError):
@@ -284,9 +290,9 @@ async def _summary(settings: Settings, api: StandIn, finished: bool) -> None:
     print(f"delivered:      {len(api.delivered)}")
     print(f"dead letters:   {dict(reasons)}")
     structlog.get_logger().info("demo_finished", delivered=len(api.delivered), dead=len(records))
-    flags = f"--redis-url {settings.redis_url} --queue {settings.queue}"
+    flags = f"--queue {settings.queue}"
     print(
-        "\nTry next:\n"
+        "\nTry next (with FORWARDER_REDIS_URL pointing at a Redis of yours):\n"
         "  forwarder schema                          # the wire message's JSON Schema\n"
         "  forwarder standin-api --port 8080 &       # a stand-in API for staging\n"
         f"  forwarder enqueue {DATA_DIR / 'samples.ndjson'} {flags}\n"

@@ -149,7 +149,8 @@ class RedisServer:
         stop_timeout: float = 10.0,
     ) -> None:
         """Configure (but do not start) the server; ``port=None`` picks a free one."""
-        self.data_dir = Path(data_dir)
+        # Absolute: the server resolves its log file and --dir against different cwds.
+        self.data_dir = Path(data_dir).resolve()
         self._auto_port = port is None
         self.port = free_port() if port is None else port
         self.appendonly = appendonly

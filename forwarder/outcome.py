@@ -50,6 +50,7 @@ def after_attempt(
         "status": attempt.status,
         "attempt": number,
         "latency_ms": round(attempt.latency * 1000, 1),
+        "enqueued_at": message.get("enqueuedAt"),
     }
     status = attempt.status
     if status is not None and 200 <= status < 300:

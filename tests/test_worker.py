@@ -287,3 +287,19 @@ async def _hlen(redis: Redis, key: str, n: int) -> bool:
 
 async def _zcard(redis: Redis, n: int) -> bool:
     return int(await redis.zcard(KEYS.delayed)) >= n
+
+
+async def test_the_real_5_10_15_second_policy(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, update("down-real"))
+    settings = fast_settings(redis_url, standin, retry_delays=(5.0, 10.0, 15.0))
+    async with running_worker(settings):
+        await wait_until(lambda: _dead_count(redis_client, 1), 40, "a dead letter")
+    times = [r.at for r in arrivals(standin, "down-real")]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 3
+    for gap, delay in zip(gaps, (5.0, 10.0, 15.0), strict=True):
+        assert delay <= gap < delay + 0.1
+    [record] = await dead_records(redis_client)
+    assert (record["reason"], record["attempts"]) == ("retries_exhausted", 4)

@@ -1,0 +1,143 @@
+"""The ``forwarder`` command as a user runs it: enqueue, schema, demo, bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis
+
+from forwarder.demo import samples
+from forwarder.embedded import free_port
+from forwarder.model import SessionUpdate
+from forwarder.queue import Keys
+
+QUEUE = Keys("forwarder").queue
+GOOD = {"accountId": "123", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
+
+
+def forwarder(
+    *args: str, stdin: bytes = b"", cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args],
+        input=stdin,
+        capture_output=True,
+        env={**clean, **env},
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_enqueue_reports_each_invalid_line_and_enqueues_the_valid_ones(
+    redis_url: str, tmp_path: Path
+) -> None:
+    lines = [
+        orjson.dumps({**GOOD, "id": "a"}),
+        b"{not json",
+        orjson.dumps({**GOOD, "body": {}}),
+        b"",
+        orjson.dumps([1]),
+        orjson.dumps({**GOOD, "id": "b", "sesionId": "typo"}),
+        orjson.dumps({**GOOD, "id": "c"}),
+    ]
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = forwarder("enqueue", str(path), "--redis-url", redis_url)
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert "line 2: (root): not valid JSON" in err
+    assert "line 3: body.pageId: Field required" in err
+    assert "line 5: (root): a wire message must be a JSON object" in err
+    assert "line 6: sesionId: Extra inputs are not permitted" in err
+    assert "enqueued 2, invalid 4" in err
+    client = redis.Redis.from_url(redis_url)
+    queued = [orjson.loads(r)["id"] for r in reversed(client.lrange(QUEUE, 0, -1))]
+    client.close()
+    assert queued == ["a", "c"]
+
+
+def test_enqueue_from_stdin_in_batches(redis_url: str) -> None:
+    data = b"\n".join(orjson.dumps({**GOOD, "id": str(i)}) for i in range(2500))
+    result = forwarder("enqueue", "-", "--redis-url", redis_url, stdin=data)
+    assert result.returncode == 0, result.stderr
+    client = redis.Redis.from_url(redis_url)
+    queued = [orjson.loads(r)["id"] for r in reversed(client.lrange(QUEUE, 0, -1))]
+    client.close()
+    assert queued == [str(i) for i in range(2500)]
+
+
+def test_enqueue_with_redis_down_says_so() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = forwarder("enqueue", "-", "--redis-url", url, stdin=orjson.dumps(GOOD))
+    assert result.returncode == 3
+    assert b"cannot reach Redis" in result.stderr
+
+
+def test_schema_is_the_wire_message_schema() -> None:
+    result = forwarder("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "Forwarder session update"
+    assert set(schema["required"]) == {"accountId", "visitorId", "sessionId", "body"}
+    assert (
+        schema["properties"].keys()
+        == SessionUpdate.model_json_schema(by_alias=True)["properties"].keys()
+    )
+
+
+def test_bad_settings_are_refused_clearly() -> None:
+    result = forwarder("worker", FORWARDER_RETRY_DELAYS="5,soon")
+    assert result.returncode == 2
+    assert b"invalid settings" in result.stderr
+    assert b"retry_delays" in result.stderr
+
+
+def _leftover_servers(data_dir: Path) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if str(data_dir) in line]
+
+
+def test_demo_runs_the_whole_flow_on_a_private_redis(tmp_path: Path) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    result = forwarder("demo", "--count", "60", cwd=tmp_path, FORWARDER_REDIS_URL=nowhere)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert "enqueued 60 sample updates and 3 malformed elements" in out
+    assert "done." in out
+    delivered = [u for u in samples(60) if u["visitorId"].startswith(("ok-", "flaky"))]
+    assert f"delivered:      {len(delivered)}\n" in out
+    assert "invalid_message" in out
+    assert "Try next" in out
+    assert (tmp_path / ".forwarder-demo" / "samples.ndjson").exists()
+    assert _leftover_servers(tmp_path / ".forwarder-demo") == []
+
+
+def test_demo_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    clean["FORWARDER_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", "demo", "--count", "300"],
+        cwd=tmp_path,
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until the worker is running
+        if line.startswith(b"delivered"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert b"stopped early" in out
+    assert _leftover_servers(tmp_path / ".forwarder-demo") == []
