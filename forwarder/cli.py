@@ -1,4 +1,4 @@
-"""The ``forwarder`` command: worker, enqueue, schema, demo, standin-api."""
+"""The ``forwarder`` command: worker, enqueue, schema, demo, standin-api, dlq, stats."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
-import orjson
 import redis
 from pydantic import ValidationError
 
-from forwarder import logs
-from forwarder.model import message_json_schema
+from forwarder import dlq, logs, stats
+from forwarder.connections import sync_redis_client
+from forwarder.model import InvalidMessage, format_errors, message_json_schema, parse_object
 from forwarder.producer import InvalidUpdate, encode
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     standin.add_argument("--host", default="127.0.0.1")
     standin.add_argument("--port", type=int, default=8080)
     standin.set_defaults(func=_cmd_standin)
+
+    dlq.register(sub, [common])
+    stats.register(sub, [common])
     return parser
 
 
@@ -82,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
     except ValidationError as exc:
-        print(f"forwarder: invalid settings:\n{exc}", file=sys.stderr)
+        # Without the input values: one of them may be a password.
+        errors = "\n".join(f"  {line}" for line in format_errors(exc))
+        print(f"forwarder: invalid settings:\n{errors}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
@@ -112,7 +117,7 @@ async def _run_until_signal(settings: Settings) -> None:
 
 def _cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     key = Keys(settings.queue).queue
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_redis_client(settings)
     source: IO[bytes] = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     enqueued = invalid = 0
     try:
@@ -160,12 +165,9 @@ def _valid_batches(source: IO[bytes]) -> Iterator[_Batch]:
 
 def _parse_line(line: bytes) -> dict[str, Any]:
     try:
-        data = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidUpdate([f"(root): not valid JSON ({exc})"]) from None
-    if not isinstance(data, dict):
-        raise InvalidUpdate(["(root): a wire message must be a JSON object"])
-    return data
+        return parse_object(line.strip())
+    except InvalidMessage as exc:
+        raise InvalidUpdate(exc.errors) from None
 
 
 def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:

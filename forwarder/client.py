@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -11,7 +13,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from forwarder.domain import DomainLookupError, DomainResolver
+from forwarder.domain import DomainResolver
 from forwarder.model import SessionUpdate
 
 API_VERSION = "1.0"
@@ -35,17 +37,26 @@ class Attempt:
     """What one delivery attempt came to.
 
     ``status`` is the HTTP status when the API answered; otherwise ``failure`` names
-    what went wrong (``timeout``, ``connection``, ``domain_lookup``).
+    what went wrong: ``connect`` (never sent: no connection could be made, even on an
+    immediate second try), ``connection`` (sent, then the connection failed),
+    ``timeout``, ``domain_lookup``. ``retry_after`` is the answer's Retry-After, in
+    seconds.
     """
 
     status: int | None
     latency: float
     error: ErrorEntity | None = None
     failure: str | None = None
+    retry_after: float | None = None
 
     @property
     def describe(self) -> str:
         return f"http_{self.status}" if self.status is not None else str(self.failure)
+
+    @property
+    def failed(self) -> bool:
+        """Did the host fail (as opposed to answering, even with a 4xx)?"""
+        return self.status is None or self.status >= 500
 
 
 class EngagementClient:
@@ -69,42 +80,71 @@ class EngagementClient:
         self._domains = None if base_url else domains
         self._scheme = scheme
 
-    async def update_session(self, message: SessionUpdate, body: Any) -> Attempt:
+    async def base_url(self, account_id: str) -> str:
+        """``scheme://host`` serving ``account_id``; raises DomainLookupError."""
+        if self._domains is None:
+            return self._base
+        return f"{self._scheme}://{await self._domains.host(account_id)}"
+
+    async def update_session(self, base: str, message: SessionUpdate, body: Any) -> Attempt:
         """PUT ``body`` (the message's body, as the producer wrote it) to its session."""
+        url = _url(base, message)
+        data = orjson.dumps(body)
         started = time.perf_counter()
         try:
-            url = await self._url(message)
-            async with self._session.put(
-                url,
-                data=orjson.dumps(body),
-                headers=_HEADERS,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                # Read even an empty body so the connection goes back to the pool.
-                data = await resp.read()
-                error = None if resp.status < 400 else _error_entity(data)
-                return Attempt(resp.status, time.perf_counter() - started, error)
-        except DomainLookupError:
-            return Attempt(None, time.perf_counter() - started, failure="domain_lookup")
+            return await self._send(url, data, started)
         except TimeoutError:
             return Attempt(None, time.perf_counter() - started, failure="timeout")
+        except aiohttp.ClientConnectorError:
+            return Attempt(None, time.perf_counter() - started, failure="connect")
         except aiohttp.ClientError:
             return Attempt(None, time.perf_counter() - started, failure="connection")
 
-    async def _url(self, message: SessionUpdate) -> URL:
-        if self._domains is not None:
-            base = f"{self._scheme}://{await self._domains.host(message.account_id)}"
-        else:
-            base = self._base
-        # Path parts are percent-encoded with no safe characters: a visitor id can never
-        # add a path segment or a query.
-        path = (
-            f"/api/account/{quote(message.account_id, safe='')}"
-            f"/app/engagement/visitors/{quote(message.visitor_id, safe='')}"
-        )
-        query = f"?v={API_VERSION}&sid={quote(message.session_id, safe='')}"
-        return URL(base + path + query, encoded=True)
+    async def _send(self, url: URL, data: bytes, started: float) -> Attempt:
+        try:
+            return await self._put(url, data, started)
+        except aiohttp.ClientConnectorError:
+            # Nothing was sent, so an immediate second try cannot double the update.
+            return await self._put(url, data, started)
+
+    async def _put(self, url: URL, data: bytes, started: float) -> Attempt:
+        async with self._session.put(
+            url, data=data, headers=_HEADERS, timeout=self._timeout, allow_redirects=False
+        ) as resp:
+            # Read even an empty body so the connection goes back to the pool.
+            payload = await resp.read()
+            latency = time.perf_counter() - started
+            if resp.status < 400:
+                return Attempt(resp.status, latency)
+            retry_after = _retry_after(resp.headers.get("Retry-After"))
+            return Attempt(resp.status, latency, _error_entity(payload), retry_after=retry_after)
+
+
+def _url(base: str, message: SessionUpdate) -> URL:
+    # Path parts are percent-encoded with no safe characters: a visitor id can never
+    # add a path segment or a query.
+    path = (
+        f"/api/account/{quote(message.account_id, safe='')}"
+        f"/app/engagement/visitors/{quote(message.visitor_id, safe='')}"
+    )
+    query = f"?v={API_VERSION}&sid={quote(message.session_id, safe='')}"
+    return URL(base + path + query, encoded=True)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def _error_entity(data: bytes) -> ErrorEntity | None:

@@ -1,24 +1,261 @@
-"""Redis connections, built from the settings in one place."""
+"""Redis connections, built from the settings in one place: one server, Sentinel or Cluster.
+
+``FORWARDER_REDIS_URL`` names the deployment:
+
+- ``redis://[[user]:password@]host:6379/0`` (``rediss://`` for TLS): one server, or the
+  seed node of a Redis Cluster when ``FORWARDER_REDIS_CLUSTER`` is true (db 0 only);
+- ``redis+sentinel://[[user]:password@]host:26379[,host2:26379...]/<master name>[/db]``
+  (``rediss+sentinel://`` for TLS to the sentinels and the master): a Sentinel set. The
+  client asks the sentinels for the current master on every new connection, so workers
+  follow a failover without a restart.
+
+A password in the URL or in ``FORWARDER_REDIS_PASSWORD`` is the data nodes' password;
+sentinels that require their own get ``FORWARDER_REDIS_SENTINEL_PASSWORD``.
+"""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+from urllib.parse import unquote, urlsplit
 
-from forwarder.settings import Settings
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+from pydantic import SecretStr
+
+if TYPE_CHECKING:
+    from forwarder.settings import Settings
+
+__all__ = [
+    "AsyncRedis",
+    "SentinelTarget",
+    "SyncRedis",
+    "async_client",
+    "check_redis_url",
+    "parse_sentinel_url",
+    "redis_client",
+    "sync_client",
+    "sync_redis_client",
+]
+
+AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
+SyncRedis: TypeAlias = redis.Redis | redis.RedisCluster
 
 # Longer than any blocking pop the worker makes, so a silent network shows as an error
 # instead of a hang.
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
+SENTINEL_PORT = 26379
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+PLAIN_SCHEMES = {"redis", "rediss"}
 
 
-def redis_client(settings: Settings) -> Redis:
-    """An asyncio client (bytes replies) for ``FORWARDER_REDIS_URL``."""
-    return Redis.from_url(
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A ``redis+sentinel://`` URL taken apart."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    ssl: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Take a ``redis+sentinel://`` URL apart; ``ValueError`` says what is wrong with it."""
+    parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise ValueError(f"not a Sentinel URL (scheme {parts.scheme!r})")
+    if parts.query or parts.fragment:
+        raise ValueError("a Sentinel URL takes no query string or fragment")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = tuple(_host_port(one) for one in hostlist.split(","))
+    service, _, db = parts.path.lstrip("/").partition("/")
+    if not service:
+        raise ValueError("a Sentinel URL needs the master's name as its path: .../mymaster/0")
+    if db and not db.isdigit():
+        raise ValueError(f"the database after the master name must be a number, not {db!r}")
+    return SentinelTarget(
+        sentinels=sentinels,
+        service=unquote(service),
+        db=int(db or 0),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        ssl=SENTINEL_SCHEMES[parts.scheme],
+    )
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    # urlsplit's .hostname/.port cannot read a comma-separated host list, so each
+    # entry is parsed as the authority of a URL of its own.
+    one = urlsplit(f"//{text}")
+    try:
+        port = one.port
+    except ValueError:
+        raise ValueError(f"bad sentinel address {text!r}") from None
+    if not one.hostname:
+        raise ValueError(f"empty sentinel address in {text!r}")
+    return one.hostname, port or SENTINEL_PORT
+
+
+def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_password: bool) -> None:
+    """Refuse combinations that would otherwise fail late or be silently ignored.
+
+    ``password`` and ``sentinel_password`` say whether those settings are given.
+    """
+    parts = urlsplit(url)
+    if parts.scheme in SENTINEL_SCHEMES:
+        target = parse_sentinel_url(url)
+        if cluster:
+            raise ValueError("Redis Cluster mode cannot use a Sentinel URL")
+        if password and target.password:
+            raise ValueError("the Redis password is given both in the URL and on its own")
+        return
+    if sentinel_password:
+        raise ValueError("a sentinel password needs a redis+sentinel:// URL")
+    if parts.scheme not in PLAIN_SCHEMES and not (parts.scheme == "unix" and not cluster):
+        raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
+    if password and parts.password:
+        raise ValueError("the Redis password is given both in the URL and on its own")
+    if cluster and parts.path.strip("/") not in ("", "0"):
+        raise ValueError("Redis Cluster has only database 0")
+
+
+def _common(password: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+    if password is not None:
+        options["password"] = password
+    return options
+
+
+def async_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> AsyncRedis:
+    """An asyncio client (bytes replies) for a URL of any form the module docstring lists."""
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        target = parse_sentinel_url(url)
+        options = _common(password or target.password)
+        # redis-py leaves Sentinel untyped.
+        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs=_sentinel_options(target, sentinel_password),
+            ssl=target.ssl,
+            **options,
+        )
+        master: _AsyncSentinelRedis = sentinel.master_for(
+            target.service,
+            redis_class=_AsyncSentinelRedis,
+            db=target.db,
+            username=target.username,
+        )
+        master.sentinels = sentinel
+        return master
+    options = _common(password)
+    if cluster:
+        return redis.asyncio.RedisCluster.from_url(url, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def sync_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> SyncRedis:
+    """The blocking twin of :func:`async_client`, for producers without an event loop."""
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        target = parse_sentinel_url(url)
+        options = _common(password or target.password)
+        # redis-py leaves Sentinel untyped.
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs=_sentinel_options(target, sentinel_password),
+            ssl=target.ssl,
+            **options,
+        )
+        master: _SyncSentinelRedis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service,
+            redis_class=_SyncSentinelRedis,
+            db=target.db,
+            username=target.username,
+        )
+        master.sentinels = sentinel
+        return master
+    options = _common(password)
+    if cluster:
+        return redis.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _sentinel_options(target: SentinelTarget, password: str | None) -> dict[str, Any]:
+    # Sentinels get their own options: given any, redis-py stops copying the socket
+    # timeouts from the master's, and the data nodes' password is not theirs.
+    options: dict[str, Any] = {
+        "socket_timeout": CONNECT_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "ssl": target.ssl,
+    }
+    if password is not None:
+        options["password"] = password
+    return options
+
+
+class _AsyncSentinelRedis(redis.asyncio.Redis):
+    """A master client that also closes its connections to the sentinels."""
+
+    sentinels: redis.asyncio.sentinel.Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels is not None:
+            await self.sentinels.aclose()
+
+
+class _SyncSentinelRedis(redis.Redis):
+    """A master client that also closes its connections to the sentinels."""
+
+    sentinels: redis.sentinel.Sentinel | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.sentinels is not None:
+            self.sentinels.close()
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
+def redis_client(settings: Settings) -> AsyncRedis:
+    """The asyncio client for ``FORWARDER_REDIS_URL`` and the related settings."""
+    return async_client(
         settings.redis_url,
-        decode_responses=False,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True,
-        health_check_interval=15,
+        cluster=settings.redis_cluster,
+        password=_secret(settings.redis_password),
+        sentinel_password=_secret(settings.redis_sentinel_password),
+    )
+
+
+def sync_redis_client(settings: Settings) -> SyncRedis:
+    """The blocking client for the same settings (``forwarder enqueue``)."""
+    return sync_client(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        password=_secret(settings.redis_password),
+        sentinel_password=_secret(settings.redis_sentinel_password),
     )

@@ -21,9 +21,10 @@ from typing import Any
 
 import orjson
 import structlog
-from redis.asyncio import Redis
 
 from forwarder import logs
+from forwarder.connections import AsyncRedis, redis_client
+from forwarder.dlq import print_stats
 from forwarder.embedded import RedisServer, redis_answers
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
@@ -178,6 +179,8 @@ async def _demo(settings: Settings, updates: list[dict[str, Any]]) -> int:
                 "api_base_url": api.base_url,
                 "retry_delays": DEMO_DELAYS,
                 "shutdown_grace": 2.0,
+                # The demo is one process on a laptop: nothing scrapes it.
+                "metrics_port": 0,
             }
         )
         print(
@@ -189,6 +192,8 @@ async def _demo(settings: Settings, updates: list[dict[str, Any]]) -> int:
         enqueued = await _enqueue(settings, updates)
         finished = await _run_worker(settings, api, enqueued)
         await _summary(settings, api, finished)
+        print(f"\nforwarder dlq stats --queue {settings.queue}:")
+        await print_stats(settings)
     return 0 if finished else 130
 
 
@@ -206,7 +211,7 @@ async def _redis(settings: Settings) -> AsyncIterator[str]:
 
 
 async def _enqueue(settings: Settings, updates: list[dict[str, Any]]) -> int:
-    producer = Producer.from_url(settings.redis_url, settings.queue)
+    producer = Producer(redis_client(settings), settings.queue)
     keys = Keys(settings.queue)
     try:
         # Left over from an interrupted demo run: the demo's own keys only.
@@ -228,7 +233,7 @@ async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
     worker = await worker_ready
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     keys = Keys(settings.queue)
     shown: dict[str, int] = {}
     try:
@@ -250,7 +255,7 @@ async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
     return not interrupted.is_set()
 
 
-async def _counts(redis: Redis, keys: Keys, api: StandIn) -> dict[str, int]:
+async def _counts(redis: AsyncRedis, keys: Keys, api: StandIn) -> dict[str, int]:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.llen(keys.queue)
         pipe.zcard(keys.delayed)
@@ -278,7 +283,7 @@ def _show(counts: dict[str, int]) -> None:
 
 
 async def _summary(settings: Settings, api: StandIn, finished: bool) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     try:
         records = [orjson.loads(r) for r in await redis.lrange(Keys(settings.queue).dead, 0, -1)]
     finally:

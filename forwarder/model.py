@@ -22,7 +22,9 @@ LivePerson merges across updates (``personal``, ``ctmrinfo``, ``mrktInfo``).
 
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeAlias, get_args
 
 import orjson
@@ -33,10 +35,13 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetPydanticSchema,
+    JsonValue,
     ValidationError,
 )
 from pydantic.alias_generators import to_camel
 from pydantic_core import CoreSchema, PydanticCustomError
+
+MAX_MESSAGE_BYTES = 256 * 1024
 
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _JSON_SCHEMA_TITLE = "Forwarder session update"
@@ -53,6 +58,8 @@ _WIRE_CONFIG = ConfigDict(
     # A producer that sends "12" for a number has a bug; coercing would hide it until
     # LivePerson silently drops the attribute.
     strict=True,
+    # NaN and Infinity are not JSON: orjson would send them as null.
+    allow_inf_nan=False,
     # Titles would otherwise come from the camelCase alias: "Numitems".
     field_title_generator=lambda name, _: name.replace("_", " ").title(),
 )
@@ -62,6 +69,8 @@ class _BodyModel(BaseModel):
     """Base of the Update Session body and of everything nested in it."""
 
     model_config = ConfigDict(**_WIRE_CONFIG, extra="allow")
+    # Unknown fields pass through to the API, but only as real JSON values.
+    __pydantic_extra__: dict[str, JsonValue]
 
 
 def _one_error(error_type: str, message: str) -> GetPydanticSchema:
@@ -531,6 +540,19 @@ def message_json_schema() -> dict[str, Any]:
     return {"$schema": _JSON_SCHEMA_DIALECT, **schema, "title": _JSON_SCHEMA_TITLE}
 
 
+DeadReason = Literal["client_error", "retries_exhausted", "invalid_message"]
+
+# Fields the forwarder keeps on a message between attempts; a dead-letter record
+# carries them at its top level instead, so its `message` is what the producer sent.
+BOOKKEEPING = ("attempts", "lastError")
+
+
+def iso_utc(seconds: float, timespec: str = "seconds") -> str:
+    """``seconds`` (Unix time) as ISO-8601 UTC ending in ``Z``, as in a record's ``deadAt``."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 class InvalidMessage(ValueError):
     """A queue element that is not a valid wire message; ``errors`` as :func:`format_errors`."""
 
@@ -539,19 +561,52 @@ class InvalidMessage(ValueError):
         super().__init__("; ".join(errors))
 
 
-def decode(raw: bytes) -> tuple[SessionUpdate, dict[str, Any]]:
-    """Parse and validate one queue element.
-
-    Returns the validated model and the parsed JSON object itself, with an ``id``
-    assigned when the producer gave none: the worker sends the body exactly as the
-    producer wrote it, and re-enqueues the object with its bookkeeping for a retry.
-    """
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """Parse a JSON object, refusing duplicate keys (parsers disagree on which one wins)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidMessage([f"(root): not valid JSON ({exc})"]) from None
     if not isinstance(data, dict):
         raise InvalidMessage(["(root): a wire message must be a JSON object"])
+    # Compact JSON (what orjson and our producer write) that re-serializes to the same
+    # bytes cannot have had a duplicate key; anything else gets the slower check.
+    if orjson.dumps(data) != raw:
+        _check_duplicate_keys(raw)
+    return data
+
+
+def _check_duplicate_keys(raw: bytes) -> None:
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidMessage([f"(root): duplicate key {key!r}"])
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs_hook)
+    except InvalidMessage:
+        raise
+    except (RecursionError, ValueError) as exc:
+        raise InvalidMessage([f"(root): not valid JSON ({type(exc).__name__})"]) from None
+
+
+def too_large(size: int, max_bytes: int) -> str:
+    return f"(root): message is {size} bytes, over the {max_bytes}-byte cap"
+
+
+def decode(raw: bytes, max_bytes: int) -> tuple[SessionUpdate, dict[str, Any]]:
+    """Parse and validate one queue element of at most ``max_bytes``.
+
+    Returns the validated model and the parsed JSON object itself, with an ``id``
+    assigned when the producer gave none: the worker sends the body exactly as the
+    producer wrote it, and re-enqueues the object with its bookkeeping for a retry.
+    """
+    if len(raw) > max_bytes:
+        raise InvalidMessage([too_large(len(raw), max_bytes)])
+    data = parse_object(raw)
     if data.get("id") is None:
         data["id"] = uuid.uuid4().hex
     try:

@@ -4,30 +4,32 @@ Pure decisions, no I/O: the worker hands the result to :meth:`forwarder.queue.Qu
 which records it in the same atomic step that takes the message out of flight.
 
 - 2xx: delivered (ack).
-- 4xx: the request is wrong; dead letter at once (``client_error``) with the error entity.
+- 429: nothing is wrong with the request, the host asks us to slow down: the message is
+  parked for the answer's Retry-After (capped), else the next delay, without spending an
+  attempt. The one exception to "4xx → dead letter".
+- other 4xx: the request is wrong; dead letter at once (``client_error``) with the error
+  entity.
 - anything else (5xx, an unexpected 1xx/3xx, timeout, connection error, failed domain
   lookup): retry after the next configured delay; after the last one, dead letter
   (``retries_exhausted``).
+
+A parked message waits in the delayed set like a retry, but keeps its attempt count:
+the worker parks messages for a host whose circuit breaker is open, too.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 
 from forwarder.client import Attempt
+from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
 from forwarder.queue import Claimed, Settlement
-
-Reason = Literal["client_error", "retries_exhausted", "invalid_message"]
-
-# Fields the forwarder keeps on a message between attempts; a dead-letter record
-# carries them at its top level instead, so its `message` is what the producer sent.
-BOOKKEEPING = ("attempts", "lastError")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +37,35 @@ class Outcome:
     """A settlement plus the stable log event (and its fields) that reports it."""
 
     settlement: Settlement
-    event: Literal["delivered", "retry_scheduled", "dead_lettered"]
+    event: Literal["delivered", "retry_scheduled", "dead_lettered", "parked"]
     fields: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Seconds before each retry (its length is the number of retries), and the most a
+    Retry-After may make a message wait."""
+
+    delays: Sequence[float]
+    max_retry_after: float
+
+    def next_delay(self, attempts: int) -> float:
+        return self.delays[min(attempts, len(self.delays) - 1)] if self.delays else 1.0
+
+
 def after_attempt(
-    claimed: Claimed, message: dict[str, Any], attempt: Attempt, delays: Sequence[float]
+    claimed: Claimed, message: dict[str, Any], attempt: Attempt, policy: RetryPolicy
 ) -> Outcome:
     """Decide what to do with ``message`` (its parsed wire form) after ``attempt``."""
-    number = int(message.get("attempts", 0)) + 1
+    attempts = int(message.get("attempts", 0))
+    if attempt.status == 429:
+        wait = (
+            attempt.retry_after if attempt.retry_after is not None else policy.next_delay(attempts)
+        )
+        return parked(
+            claimed, message, min(wait, policy.max_retry_after), attempt.describe, attempt
+        )
+    number = attempts + 1
     fields: dict[str, Any] = {
         "id": message["id"],
         "account": message["accountId"],
@@ -58,14 +80,39 @@ def after_attempt(
     if status is not None and 400 <= status < 500:
         return _dead(claimed, message, attempt, number, "client_error", fields)
     fields["failure"] = attempt.describe
-    if number > len(delays):
+    if number > len(policy.delays):
         return _dead(claimed, message, attempt, number, "retries_exhausted", fields)
-    delay = delays[number - 1]
+    delay = policy.delays[number - 1]
     retry = {**message, "attempts": number, "lastError": attempt.describe}
     fields["delay"] = delay
     return Outcome(
         Settlement("retry", claimed.token, orjson.dumps(retry), delay), "retry_scheduled", fields
     )
+
+
+def parked(
+    claimed: Claimed,
+    message: dict[str, Any],
+    delay: float,
+    why: str,
+    attempt: Attempt | None = None,
+) -> Outcome:
+    """Wait ``delay`` seconds in the delayed set without spending an attempt.
+
+    ``attempt`` is the request that led to it, if one was sent (a 429, a failed probe).
+    """
+    waiting = {**message, "lastError": why}
+    fields: dict[str, Any] = {
+        "id": message["id"],
+        "account": message["accountId"],
+        "why": why,
+        "delay": delay,
+    }
+    if attempt is not None:
+        fields["status"] = attempt.status
+        fields["latency_ms"] = round(attempt.latency * 1000, 1)
+    settlement = Settlement("retry", claimed.token, orjson.dumps(waiting), delay)
+    return Outcome(settlement, "parked", fields)
 
 
 def invalid(claimed: Claimed, errors: list[str]) -> Outcome:
@@ -76,7 +123,7 @@ def invalid(claimed: Claimed, errors: list[str]) -> Outcome:
         "status": None,
         "error": None,
         "attempts": 0,
-        "deadAt": _now_iso(),
+        "deadAt": iso_utc(time.time(), "milliseconds"),
         "message": None,
         "raw": claimed.raw.decode("utf-8", errors="backslashreplace"),
         "errors": errors,
@@ -91,7 +138,7 @@ def _dead(
     message: dict[str, Any],
     attempt: Attempt,
     number: int,
-    reason: Reason,
+    reason: DeadReason,
     fields: dict[str, Any],
 ) -> Outcome:
     error = attempt.error.as_json() if attempt.error else None
@@ -101,7 +148,7 @@ def _dead(
         "status": attempt.status,
         "error": error,
         "attempts": number,
-        "deadAt": _now_iso(),
+        "deadAt": iso_utc(time.time(), "milliseconds"),
         "lastError": attempt.describe,
         "message": {k: v for k, v in message.items() if k not in BOOKKEEPING},
     }
@@ -109,7 +156,3 @@ def _dead(
     if error is not None:
         fields["internal_code"] = error["internalCode"]
     return Outcome(Settlement("dead", claimed.token, orjson.dumps(record)), "dead_lettered", fields)
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -16,14 +16,37 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
-import redis
-import redis.asyncio
+import redis.exceptions
 from pydantic import ValidationError
 
-from forwarder.model import SessionUpdate, UpdateSessionBody, format_errors
+from forwarder.connections import AsyncRedis, SyncRedis, async_client, sync_client
+from forwarder.model import (
+    MAX_MESSAGE_BYTES,
+    SessionUpdate,
+    UpdateSessionBody,
+    format_errors,
+    too_large,
+)
 from forwarder.queue import Keys
 
 Update = SessionUpdate | Mapping[str, Any]
+# Connection errors, timeouts, and a fail-over in progress (a read-only replica, a
+# cluster slot moving).
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+
+class QueueUnavailable(ConnectionError):
+    """Redis did not take the batch (unreachable, timed out, failing over).
+
+    Nothing of the batch is known to be enqueued: an ``LPUSH`` whose reply was lost may
+    have landed, so retrying can enqueue it twice (delivery is at least once anyway).
+    """
 
 
 class InvalidUpdate(ValueError):
@@ -39,7 +62,7 @@ class InvalidUpdate(ValueError):
         super().__init__(f"update #{index} is invalid: " + "; ".join(errors))
 
 
-def encode(update: Update, index: int = 0) -> tuple[str, bytes]:
+def encode(update: Update, index: int = 0, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[str, bytes]:
     """Validate one update and give its id and wire bytes (id and enqueuedAt filled in)."""
     if isinstance(update, SessionUpdate):
         data = update.model_dump(mode="json", by_alias=True, exclude_unset=True)
@@ -52,7 +75,14 @@ def encode(update: Update, index: int = 0) -> tuple[str, bytes]:
     if data.get("id") is None:
         data["id"] = uuid.uuid4().hex
     data.setdefault("enqueuedAt", time.time())
-    return data["id"], orjson.dumps(data)
+    try:
+        raw = orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.
+        raise InvalidUpdate([f"(root): cannot be encoded as JSON ({exc})"], index) from None
+    if len(raw) > max_bytes:
+        raise InvalidUpdate([too_large(len(raw), max_bytes)], index)
+    return data["id"], raw
 
 
 def encode_many(updates: Iterable[Update]) -> tuple[list[str], list[bytes]]:
@@ -90,13 +120,14 @@ def make_update(
 class Producer:
     """Async producer over a ``redis.asyncio.Redis`` client."""
 
-    def __init__(self, client: redis.asyncio.Redis, queue: str = "forwarder") -> None:
+    def __init__(self, client: AsyncRedis, queue: str = "forwarder") -> None:
         self.client = client
         self.key = Keys(queue).queue
 
     @classmethod
-    def from_url(cls, url: str, queue: str = "forwarder") -> Producer:
-        return cls(redis.asyncio.Redis.from_url(url), queue)
+    def from_url(cls, url: str, queue: str = "forwarder", *, cluster: bool = False) -> Producer:
+        """A producer for a URL of any form :mod:`forwarder.connections` takes."""
+        return cls(async_client(url, cluster=cluster), queue)
 
     async def enqueue(
         self,
@@ -115,7 +146,10 @@ class Producer:
         """Validate all, then enqueue all in one round trip; returns their ids in order."""
         ids, wire = encode_many(updates)
         if wire:
-            await self.client.lpush(self.key, *wire)
+            try:
+                await self.client.lpush(self.key, *wire)
+            except REDIS_UNAVAILABLE as exc:
+                raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
         return ids
 
     async def aclose(self) -> None:
@@ -125,13 +159,14 @@ class Producer:
 class SyncProducer:
     """The same as :class:`Producer`, for code without an event loop."""
 
-    def __init__(self, client: redis.Redis, queue: str = "forwarder") -> None:
+    def __init__(self, client: SyncRedis, queue: str = "forwarder") -> None:
         self.client = client
         self.key = Keys(queue).queue
 
     @classmethod
-    def from_url(cls, url: str, queue: str = "forwarder") -> SyncProducer:
-        return cls(redis.Redis.from_url(url), queue)
+    def from_url(cls, url: str, queue: str = "forwarder", *, cluster: bool = False) -> SyncProducer:
+        """A producer for a URL of any form :mod:`forwarder.connections` takes."""
+        return cls(sync_client(url, cluster=cluster), queue)
 
     def enqueue(
         self,
@@ -150,7 +185,10 @@ class SyncProducer:
         """Validate all, then enqueue all in one round trip; returns their ids in order."""
         ids, wire = encode_many(updates)
         if wire:
-            self.client.lpush(self.key, *wire)
+            try:
+                self.client.lpush(self.key, *wire)
+            except REDIS_UNAVAILABLE as exc:
+                raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
         return ids
 
     def close(self) -> None:

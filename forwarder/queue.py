@@ -15,27 +15,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from redis.asyncio import Redis
+from forwarder.connections import AsyncRedis
 
 Op = Literal["ack", "retry", "dead"]
 
 # Shared by the scripts below. A worker's in-flight record is a hash (claim number →
-# message: an ack of many is one HDEL) plus a staging list that its blocking pop moves
-# into. give_back returns both to the consuming (right) end of the queue, oldest
-# rightmost, so they are taken again in the order they were first taken.
+# message: an ack of many is one HDEL). give_back returns it to the consuming (right)
+# end of the queue, oldest rightmost, so it is taken again in the order first taken.
 _LIB = """
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local function give_back(inflight, staging, dst)
-  local staged = redis.call('LRANGE', staging, 0, -1)
-  if #staged > 0 then
-    redis.call('RPUSH', dst, unpack(staged))
-    redis.call('DEL', staging)
-  end
+local function give_back(inflight, dst)
   local flat = redis.call('HGETALL', inflight)
-  if #flat == 0 then return #staged end
+  if #flat == 0 then return 0 end
   local entries = {}
   for i = 1, #flat, 2 do entries[#entries + 1] = {tonumber(flat[i]), flat[i + 1]} end
   table.sort(entries, function(a, b) return a[1] > b[1] end)
@@ -43,39 +37,127 @@ local function give_back(inflight, staging, dst)
   for i, e in ipairs(entries) do values[i] = e[2] end
   redis.call('RPUSH', dst, unpack(values))
   redis.call('DEL', inflight)
-  return #staged + #values
+  return #values
+end
+-- Up to n messages from the queue's consuming end, oldest first.
+local function take(queue, n)
+  local out = {}
+  local items = redis.call('LRANGE', queue, -n, -1)
+  if #items > 0 then
+    redis.call('LTRIM', queue, 0, -#items - 1)
+    for i = #items, 1, -1 do out[#out + 1] = items[i] end
+  end
+  return out
+end
+-- Records claimed messages under claim numbers base + 1, base + 2, ...; returns
+-- {number, message, ...}.
+local function record(inflight, base, items)
+  local pairs_ = {}
+  for i, raw in ipairs(items) do
+    pairs_[#pairs_ + 1] = base + i
+    pairs_[#pairs_ + 1] = raw
+  end
+  if #pairs_ > 0 then redis.call('HSET', inflight, unpack(pairs_)) end
+  return pairs_
+end
+-- A claim is sent again with the same numbers when its reply was lost (by the client's
+-- retry or the worker's): what the first run recorded is returned again, not
+-- overwritten by a second batch. nil if that run recorded nothing.
+local function recorded(inflight, base, n)
+  if redis.call('HEXISTS', inflight, base + 1) == 0 then return nil end
+  local pairs_ = {}
+  for i = 1, n do
+    local raw = redis.call('HGET', inflight, base + i)
+    if raw then
+      pairs_[#pairs_ + 1] = base + i
+      pairs_[#pairs_ + 1] = raw
+    end
+  end
+  return pairs_
 end
 """
 
-# KEYS: queue, staging, inflight, workers. ARGV: worker id, max count, claim number base.
+# Session ordering (FORWARDER_ORDERING=session). A session (account, visitor, session)
+# has a *turn*: `{q}:sessions` maps its key to the SHA-1 of the one message allowed in
+# flight or waiting for a retry, and when the turn was last passed. A claimed message
+# whose session's turn is another message's waits, in enqueue order, in the session's
+# held list; settling the turn's holder passes the turn on (a retry keeps it, under the
+# retried bytes; an ack or dead letter releases the oldest held message to the front of
+# the queue, already holding the turn). A recovered message keeps its bytes, so it keeps
+# its turn. A turn untouched for longer than the turn timeout is taken over, so a holder
+# lost outside the forwarder (a manual DEL, a Redis crash) cannot block its session.
+_TURNS = """
+local function session_of(raw)
+  local ok, m = pcall(cjson.decode, raw)
+  if not ok or type(m) ~= 'table' then return nil end
+  local a, v, s = m.accountId, m.visitorId, m.sessionId
+  if type(a) ~= 'string' or type(v) ~= 'string' or type(s) ~= 'string' then return nil end
+  return a .. '\\n' .. v .. '\\n' .. s
+end
+local function holds_turn(sessions, key, raw, t, timeout)
+  local turn = redis.call('HGET', sessions, key)
+  local digest = redis.sha1hex(raw)
+  if turn and string.sub(turn, 1, 40) ~= digest
+     and tonumber(string.sub(turn, 42)) >= t - timeout then
+    return false
+  end
+  redis.call('HSET', sessions, key, digest .. '|' .. t)
+  return true
+end
+local function pass_turn(sessions, held_prefix, queue, raw, op, payload, t)
+  local key = session_of(raw)
+  if not key then return end
+  local turn = redis.call('HGET', sessions, key)
+  if not turn or string.sub(turn, 1, 40) ~= redis.sha1hex(raw) then return end
+  if op == 'retry' then
+    redis.call('HSET', sessions, key, redis.sha1hex(payload) .. '|' .. t)
+    return
+  end
+  local nxt = redis.call('LPOP', held_prefix .. key)
+  if nxt then
+    redis.call('HSET', sessions, key, redis.sha1hex(nxt) .. '|' .. t)
+    redis.call('RPUSH', queue, nxt)
+  else
+    redis.call('HDEL', sessions, key)
+  end
+end
+"""
+
+# KEYS: queue, inflight, workers. ARGV: worker id, max count, claim number base.
 # Claiming also refreshes the worker's heartbeat: whoever holds in-flight messages is
-# always registered, so a crash right after a claim is still recovered. Returns the
-# messages oldest first; the i-th is recorded under claim number base + i.
+# always registered, so a crash right after a claim is still recovered. Returns
+# {claim number, message, ...}, oldest first.
 _CLAIM = (
     _LIB
     + """
-redis.call('ZADD', KEYS[4], now(), ARGV[1])
+redis.call('ZADD', KEYS[3], now(), ARGV[1])
+local base, n = tonumber(ARGV[3]), tonumber(ARGV[2])
+return recorded(KEYS[2], base, n) or record(KEYS[2], base, take(KEYS[1], n))
+"""
+)
+
+# The same, in session-ordering mode. KEYS: also sessions. ARGV: also held-list prefix,
+# turn timeout. A message whose session's turn is another's goes to the held list.
+_CLAIM_ORDERED = (
+    _LIB
+    + _TURNS
+    + """
+local t = now()
+redis.call('ZADD', KEYS[3], t, ARGV[1])
+local base, n = tonumber(ARGV[3]), tonumber(ARGV[2])
+local again = recorded(KEYS[2], base, n)
+if again then return again end
+local timeout = tonumber(ARGV[5])
 local out = {}
-local staged = redis.call('LRANGE', KEYS[2], 0, -1)
-for i = #staged, 1, -1 do out[#out + 1] = staged[i] end
-if #staged > 0 then redis.call('DEL', KEYS[2]) end
-local n = tonumber(ARGV[2]) - #out
-if n > 0 then
-  local more = redis.call('LRANGE', KEYS[1], -n, -1)
-  if #more > 0 then
-    redis.call('LTRIM', KEYS[1], 0, -#more - 1)
-    for i = #more, 1, -1 do out[#out + 1] = more[i] end
+for _, raw in ipairs(take(KEYS[1], n)) do
+  local key = session_of(raw)
+  if not key or holds_turn(KEYS[4], key, raw, t, timeout) then
+    out[#out + 1] = raw
+  else
+    redis.call('RPUSH', ARGV[4] .. key, raw)
   end
 end
-if #out == 0 then return out end
-local base = tonumber(ARGV[3])
-local args = {}
-for i, raw in ipairs(out) do
-  args[#args + 1] = base + i
-  args[#args + 1] = raw
-end
-redis.call('HSET', KEYS[3], unpack(args))
-return out
+return record(KEYS[2], base, out)
 """
 )
 
@@ -108,6 +190,35 @@ return out
 """
 )
 
+# The same, in session-ordering mode, one message at a time so each passes its
+# session's turn on. KEYS: also sessions, queue. ARGV: held-list prefix, then as above.
+_SETTLE_ORDERED = (
+    _LIB
+    + _TURNS
+    + """
+local t = now()
+local acks = tonumber(ARGV[2])
+local out = {0}
+local function settle(op, token, payload, delay)
+  local raw = redis.call('HGET', KEYS[1], token)
+  if not raw then return 0 end
+  redis.call('HDEL', KEYS[1], token)
+  if op == 'retry' then
+    redis.call('ZADD', KEYS[2], t + tonumber(delay), payload)
+  elseif op == 'dead' then
+    redis.call('LPUSH', KEYS[3], payload)
+  end
+  pass_turn(KEYS[4], ARGV[1], KEYS[5], raw, op, payload, t)
+  return 1
+end
+for i = 3, acks + 2 do out[1] = out[1] + settle('ack', ARGV[i], '', 0) end
+for i = acks + 3, #ARGV, 4 do
+  out[#out + 1] = settle(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+end
+return out
+"""
+)
+
 # KEYS: delayed, queue. ARGV: max count.
 # Due retries go to the consuming end: they have already waited their turn once.
 # Returns {moved, redis now, next due or -1}.
@@ -128,7 +239,7 @@ return {#due, tostring(t), tostring(next_due)}
 )
 
 # KEYS: workers, queue. ARGV: worker id, seconds of silence that mean dead, in-flight
-# key prefix, staging key prefix. Heartbeats this worker and gives back the messages of
+# key prefix. Heartbeats this worker and gives back the messages of
 # every worker silent for longer. Returns {dead worker id, count, ...}.
 _HEARTBEAT = (
     _LIB
@@ -139,20 +250,20 @@ local dead = redis.call('ZRANGE', KEYS[1], '-inf', t - tonumber(ARGV[2]), 'BYSCO
 local out = {}
 for _, id in ipairs(dead) do
   out[#out + 1] = id
-  out[#out + 1] = give_back(ARGV[3] .. id, ARGV[4] .. id, KEYS[2])
+  out[#out + 1] = give_back(ARGV[3] .. id, KEYS[2])
   redis.call('ZREM', KEYS[1], id)
 end
 return out
 """
 )
 
-# KEYS: inflight, staging, queue, workers. ARGV: worker id. A clean stop: what is still
+# KEYS: inflight, queue, workers. ARGV: worker id. A clean stop: what is still
 # in flight goes back to the queue and the worker leaves no key of its own behind.
 _RELEASE = (
     _LIB
     + """
-local n = give_back(KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], ARGV[1])
+local n = give_back(KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return n
 """
 )
@@ -189,16 +300,17 @@ class Keys:
         return f"{self.tag}:inflight:"
 
     @property
-    def staging_prefix(self) -> str:
-        return f"{self.tag}:claiming:"
+    def sessions(self) -> str:
+        """HASH of session turns (session ordering mode)."""
+        return f"{self.tag}:sessions"
+
+    @property
+    def held_prefix(self) -> str:
+        return f"{self.tag}:held:"
 
     def inflight(self, worker_id: str) -> str:
         """HASH of a worker's in-flight messages, by claim number."""
         return self.inflight_prefix + worker_id
-
-    def staging(self, worker_id: str) -> str:
-        """LIST a worker's blocking pop moves into, claimed at once after."""
-        return self.staging_prefix + worker_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,34 +347,58 @@ class Promoted:
 class Queue:
     """One worker's handle on a queue: claim, settle, promote, heartbeat, release."""
 
-    def __init__(self, redis: Redis, name: str, worker_id: str) -> None:
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        name: str,
+        worker_id: str,
+        *,
+        ordered: bool = False,
+        turn_timeout: float = 600.0,
+    ) -> None:
         self.redis = redis
         self.keys = Keys(name)
         self.worker_id = worker_id
         self._inflight = self.keys.inflight(worker_id)
-        self._staging = self.keys.staging(worker_id)
         self._claimed = 0
-        self._claim = redis.register_script(_CLAIM)
-        self._settle = redis.register_script(_SETTLE)
+        self._unanswered: int | None = None
+        self._ordered = ordered
+        self._turn_timeout = turn_timeout
+        self._claim = redis.register_script(_CLAIM_ORDERED if ordered else _CLAIM)
+        self._settle = redis.register_script(_SETTLE_ORDERED if ordered else _SETTLE)
         self._promote = redis.register_script(_PROMOTE)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._release = redis.register_script(_RELEASE)
 
     async def claim(self, count: int) -> list[Claimed]:
-        """Take up to ``count`` pending messages, oldest first, without blocking."""
-        keys = [self.keys.queue, self._staging, self._inflight, self.keys.workers]
-        base = self._claimed
-        raws = cast(list[bytes], await self._claim(keys, [self.worker_id, count, base]))
-        self._claimed += len(raws)
-        return [Claimed(base + i, raw) for i, raw in enumerate(raws, start=1)]
+        """Take up to ``count`` pending messages, oldest first, without blocking.
+
+        After a failed call the next one repeats it (same numbers, same count), so a
+        batch whose reply was lost is handed over then, never left in flight unseen.
+        """
+        if self._unanswered is not None:
+            count = self._unanswered
+        keys = [self.keys.queue, self._inflight, self.keys.workers]
+        args: list[str | float] = [self.worker_id, count, self._claimed]
+        if self._ordered:
+            keys.append(self.keys.sessions)
+            args += [self.keys.held_prefix, self._turn_timeout]
+        self._unanswered = count
+        flat = cast(list[int | bytes], await self._claim(keys, args))
+        self._unanswered = None
+        self._claimed += count
+        return [
+            Claimed(int(n), cast(bytes, raw)) for n, raw in zip(flat[::2], flat[1::2], strict=True)
+        ]
 
     async def wait(self, seconds: int) -> bool:
-        """Block up to ``seconds`` until a message is pending (no polling).
+        """Block up to ``seconds`` until a message is pending (no polling); True if one is.
 
-        The message is moved into this worker's staging list, so it is never only in
-        the reply; the next :meth:`claim` takes it. True if one arrived.
+        The blocking pop moves the oldest message from the queue's end back to that same
+        end: the queue is unchanged, so no message is ever only in a reply, and the next
+        :meth:`claim` takes it in order with the rest (session ordering depends on that).
         """
-        moved = await self.redis.blmove(self.keys.queue, self._staging, seconds, "RIGHT", "LEFT")
+        moved = await self.redis.blmove(self.keys.queue, self.keys.queue, seconds, "RIGHT", "RIGHT")
         return moved is not None
 
     async def settle(self, settlements: Sequence[Settlement]) -> tuple[int, list[bool]]:
@@ -277,6 +413,9 @@ class Queue:
             if s.op != "ack":
                 args += [s.op, s.token, s.payload, s.delay]
         keys = [self._inflight, self.keys.delayed, self.keys.dead]
+        if self._ordered:
+            keys += [self.keys.sessions, self.keys.queue]
+            args.insert(0, self.keys.held_prefix)
         acked, *others = cast(list[int], await self._settle(keys, args))
         return acked, [bool(o) for o in others]
 
@@ -291,8 +430,7 @@ class Queue:
 
     async def heartbeat(self, dead_after: float) -> dict[str, int]:
         """Mark this worker alive; give back dead workers' messages. Returns those."""
-        prefixes = [self.keys.inflight_prefix, self.keys.staging_prefix]
-        args: list[str | float] = [self.worker_id, dead_after, *prefixes]
+        args: list[str | float] = [self.worker_id, dead_after, self.keys.inflight_prefix]
         out = cast(
             list[bytes | int],
             await self._heartbeat([self.keys.workers, self.keys.queue], args),
@@ -302,7 +440,7 @@ class Queue:
 
     async def release(self) -> int:
         """Give back everything still in flight and deregister. Returns the count."""
-        keys = [self._inflight, self._staging, self.keys.queue, self.keys.workers]
+        keys = [self._inflight, self.keys.queue, self.keys.workers]
         return int(await self._release(keys, [self.worker_id]))
 
 

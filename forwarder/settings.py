@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from forwarder.connections import check_redis_url
+from forwarder.model import MAX_MESSAGE_BYTES
 
 
 class Settings(BaseSettings):
@@ -15,7 +19,19 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         default="redis://localhost:6379/0",
-        description="redis:// or rediss:// (TLS) URL, with password and db",
+        description="redis:// or rediss:// (TLS) URL, with password and db; "
+        "redis+sentinel://host:26379,host2:26379/mymaster/0 for a Sentinel set",
+    )
+    redis_password: SecretStr | None = Field(
+        default=None,
+        description="password of the Redis data nodes, when it is not in the URL",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="password of the sentinels themselves, if they have one"
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="the URL is a seed node of a Redis Cluster (db 0 only)",
     )
     queue: str = Field(
         default="forwarder",
@@ -67,6 +83,47 @@ class Settings(BaseSettings):
     claim_batch: int = Field(
         default=64, ge=1, le=1000, description="most messages taken per claim round trip"
     )
+    ordering: Literal["none", "session"] = Field(
+        default="none",
+        description="`session`: one update in flight per (account, visitor, session), in "
+        "enqueue order; see *Ordering*",
+    )
+    turn_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds after which a session's turn, untouched, may be taken over",
+    )
+    max_message_bytes: int = Field(
+        default=MAX_MESSAGE_BYTES,
+        ge=1024,
+        description="largest wire message; larger ones are refused by the producer and "
+        "dead-lettered by the worker",
+    )
+    max_retry_after: float = Field(
+        default=300.0,
+        gt=0,
+        description="most seconds a 429's Retry-After may make a message (and its host) wait",
+    )
+    breaker_window: int = Field(
+        default=20, ge=1, description="recent attempts per API host the circuit breaker weighs"
+    )
+    breaker_min_calls: int = Field(
+        default=10, ge=1, description="attempts in the window before the breaker may open"
+    )
+    breaker_failure_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of failed attempts (5xx, timeout, connection) that opens it",
+    )
+    breaker_cooldown: float = Field(
+        default=1.0, gt=0, description="seconds open before the first probe request"
+    )
+    breaker_max_cooldown: float = Field(
+        default=5.0,
+        gt=0,
+        description="cap of the cool-down, which doubles after each failed probe",
+    )
     log_level: str = Field(
         default="info",
         pattern=r"^(?i:debug|info|warning|error)$",
@@ -77,6 +134,27 @@ class Settings(BaseSettings):
         pattern=r"^(auto|json|console)$",
         description="`json`, `console`, or `auto` (JSON unless stderr is a terminal)",
     )
+    dead_max_len: int = Field(
+        default=100_000,
+        ge=0,
+        description="most dead letters kept; workers drop the oldest beyond it (logged and "
+        "counted); 0 = no cap",
+    )
+    dead_max_age: float | None = Field(
+        default=None,
+        gt=0,
+        description="oldest dead letter kept, in seconds or a duration (`12h`, `7d`); workers "
+        "drop older ones (logged and counted); unset or 0 = no cap",
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0", description="address the metrics and health listener binds"
+    )
+    metrics_port: int = Field(
+        default=9108,
+        ge=0,
+        le=65535,
+        description="port of a worker's `/metrics`, `/healthz` and `/readyz`; 0 = no listener",
+    )
 
     @field_validator("retry_delays", mode="before")
     @classmethod
@@ -86,6 +164,19 @@ class Settings(BaseSettings):
             parts = [p.strip() for p in value.split(",") if p.strip()]
             return tuple(float(p) for p in parts)
         return value
+
+    @field_validator("dead_max_age", mode="before")
+    @classmethod
+    def _parse_age(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = parse_duration(value) if value.strip() else None
+        return None if value == 0 else value
+
+    @field_validator("redis_password", "redis_sentinel_password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An env file or a Secret often carries the variable with nothing in it.
+        return None if value == "" else value
 
     @field_validator("retry_delays")
     @classmethod
@@ -100,3 +191,27 @@ class Settings(BaseSettings):
         if self.worker_timeout < 2 * self.heartbeat_interval:
             raise ValueError("worker_timeout must be at least twice heartbeat_interval")
         return self
+
+    @model_validator(mode="after")
+    def _coherent_redis(self) -> Settings:
+        check_redis_url(
+            self.redis_url,
+            cluster=self.redis_cluster,
+            password=self.redis_password is not None,
+            sentinel_password=self.redis_sentinel_password is not None,
+        )
+        return self
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: plain (``90``) or with a unit (``30s``, ``30m``, ``2h``, ``1d``)."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"bad duration {text!r}: use seconds or a number with s, m, h or d (90, 30m, 2h, 1d)"
+        )
+    return float(match[1]) * _UNIT_SECONDS[match[2]]

@@ -10,6 +10,7 @@ attempt's result means is in :mod:`forwarder.outcome`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import socket
@@ -20,22 +21,27 @@ from typing import Any, TypeVar
 
 import aiohttp
 import structlog
-from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from forwarder import outcome
+from forwarder.breaker import Breakers
 from forwarder.client import Attempt, EngagementClient
-from forwarder.connections import redis_client
-from forwarder.domain import DomainResolver
-from forwarder.model import InvalidMessage, decode
+from forwarder.connections import AsyncRedis, redis_client
+from forwarder.deadletters import Retention
+from forwarder.domain import DomainLookupError, DomainResolver
+from forwarder.metrics import Metrics, listening
+from forwarder.model import InvalidMessage, SessionUpdate, decode
 from forwarder.outcome import Outcome
 from forwarder.queue import Claimed, Queue
 from forwarder.settings import Settings
 
 log = structlog.get_logger("forwarder.worker")
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# Outages and fail-overs (Sentinel's MasterNotFoundError is a ConnectionError; a
+# cluster mid-failover answers CLUSTERDOWN or TRYAGAIN): retried, never fatal.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
 SETTLE_BATCH = 500
@@ -53,24 +59,46 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        redis: Redis,
+        redis: AsyncRedis,
         client: EngagementClient,
         *,
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.id = worker_id or new_worker_id()
-        self.queue = Queue(redis, settings.queue, self.id)
+        self.queue = Queue(
+            redis,
+            settings.queue,
+            self.id,
+            ordered=settings.ordering == "session",
+            turn_timeout=settings.turn_timeout,
+        )
         self.client = client
+        self.breakers = Breakers(
+            window=settings.breaker_window,
+            min_calls=settings.breaker_min_calls,
+            failure_ratio=settings.breaker_failure_ratio,
+            cooldown=settings.breaker_cooldown,
+            max_cooldown=settings.breaker_max_cooldown,
+        )
+        self._policy = outcome.RetryPolicy(settings.retry_delays, settings.max_retry_after)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._closing = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.metrics = Metrics()
+        self.retention = Retention(redis, settings)
 
     def stop(self) -> None:
         """Stop taking messages; :meth:`run` then finishes what is in flight and returns."""
         self._stopping.set()
         self._slot_free.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called (the worker is no longer ready for work)."""
+        return self._stopping.is_set()
 
     async def run(self) -> None:
         """Run until :meth:`stop`; on return this worker has no keys left in Redis."""
@@ -81,21 +109,40 @@ class Worker:
             queue=self.settings.queue,
             concurrency=self.settings.concurrency,
         )
+        recorder = asyncio.create_task(self._record_outcomes())
         background = [
-            asyncio.create_task(self._record_outcomes()),
+            recorder,
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._promote()),
         ]
+        for task in background:
+            task.add_done_callback(self._background_done)
         try:
             await self._claim_loop()
             await self._drain()
-            await self._outcomes.join()
+            log.info("worker_draining", worker=self.id, outcomes=self._outcomes.qsize())
+            # If the recorder died, what it had not recorded stays in flight in Redis and
+            # goes back to the queue with the release below.
+            await asyncio.wait(
+                [asyncio.ensure_future(self._outcomes.join()), recorder],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
-            for task in background:
-                task.cancel()
+            # The loops end on this flag, not by cancellation: a cancel that lands in a
+            # Redis call can be swallowed by the client, and then the loop never ends.
+            self._closing.set()
+            recorder.cancel()  # idle by now, waiting for an outcome that won't come
             await asyncio.gather(*background, return_exceptions=True)
             returned = await _until_redis(self.queue.release)
             log.info("worker_stopped", worker=self.id, returned=returned)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug, not an outage (those are retried where they happen): stop cleanly, so
+        # everything in flight goes back to the queue, rather than run half a worker.
+        log.error("worker_task_failed", worker=self.id, exc_info=task.exception())
+        self.stop()
 
     async def _claim_loop(self) -> None:
         backoff = _Backoff()
@@ -108,11 +155,10 @@ class Worker:
             try:
                 claimed = await self.queue.claim(min(free, self.settings.claim_batch))
                 if not claimed:
-                    # What the blocking pop takes waits in staging for the next claim;
-                    # on a stop, the release gives it back.
+                    # Woken by the next message; the next claim takes it.
                     await self.queue.wait(BLOCK_SECONDS)
             except REDIS_DOWN as exc:
-                log.warning("redis_unavailable", during="claim", error=type(exc).__name__)
+                _redis_down("claim", exc)
                 await backoff.sleep()
                 continue
             backoff.reset()
@@ -130,20 +176,39 @@ class Worker:
 
     async def _handle(self, claimed: Claimed) -> None:
         try:
-            message, data = decode(claimed.raw)
+            message, data = decode(claimed.raw, self.settings.max_message_bytes)
         except InvalidMessage as exc:
             self._outcomes.put_nowait(outcome.invalid(claimed, exc.errors))
             return
         started = time.perf_counter()
         try:
-            attempt = await self.client.update_session(message, data["body"])
+            result = await self._deliver(claimed, message, data)
         except Exception:
             # A bug must not strand the message in flight: count it as a failed attempt.
             log.exception("delivery_crashed", id=data["id"], account=message.account_id)
             attempt = Attempt(None, time.perf_counter() - started, failure="internal")
-        self._outcomes.put_nowait(
-            outcome.after_attempt(claimed, data, attempt, self.settings.retry_delays)
-        )
+            result = outcome.after_attempt(claimed, data, attempt, self._policy)
+        self._outcomes.put_nowait(result)
+
+    async def _deliver(
+        self, claimed: Claimed, message: SessionUpdate, data: dict[str, Any]
+    ) -> Outcome:
+        try:
+            host = await self.client.base_url(message.account_id)
+        except DomainLookupError:
+            attempt = Attempt(None, 0.0, failure="domain_lookup")
+            return outcome.after_attempt(claimed, data, attempt, self._policy)
+        admission = self.breakers.admit(host)
+        if admission.wait is not None:
+            return outcome.parked(claimed, data, admission.wait, "circuit_open")
+        attempt = await self.client.update_session(host, message, data["body"])
+        # A probe is a real attempt: it spends one, so a message that fails alone on a
+        # quiet host (and keeps tripping the breaker) still reaches its dead letter.
+        self.breakers.record(host, attempt.failed, probe=admission.probe)
+        result = outcome.after_attempt(claimed, data, attempt, self._policy)
+        if result.event == "parked":
+            self.breakers.pause(host, result.settlement.delay)
+        return result
 
     async def _drain(self) -> None:
         """Give in-flight deliveries the grace period, then cancel the rest."""
@@ -173,22 +238,35 @@ class Worker:
             if result.settlement.op == "ack":
                 acks += 1
                 log.info(result.event, **result.fields)
+                self.metrics.observe(result)
             elif next(kept):
-                log.info(result.event, **result.fields)
+                # Parking repeats every cool-down for a whole outage: not worth a line each.
+                report = log.debug if result.event == "parked" else log.info
+                report(result.event, **result.fields)
+                self.metrics.observe(result)
             else:
                 log.warning("settle_orphaned", event_dropped=result.event, **result.fields)
         if acked < acks:
             # Given back while being delivered: another worker will deliver them again.
             log.warning("acks_orphaned", worker=self.id, count=acks - acked)
 
+    async def _nap(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the worker is closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
     async def _heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self._nap(self.settings.heartbeat_interval)
+            if self._closing.is_set():
+                return
             try:
                 recovered = await self.queue.heartbeat(self.settings.worker_timeout)
+                dropped = await self.retention.enforce()
             except REDIS_DOWN as exc:
-                log.warning("redis_unavailable", during="heartbeat", error=type(exc).__name__)
+                _redis_down("heartbeat", exc)
                 continue
+            self.metrics.observe_dropped(dropped)
             for dead, count in recovered.items():
                 log.warning("worker_recovered", worker=self.id, dead_worker=dead, returned=count)
 
@@ -196,17 +274,26 @@ class Worker:
         # A retry scheduled after a pass is due no sooner than the shortest delay, so
         # sleeping until the next known due time (or that horizon) misses nothing.
         horizon = min([*self.settings.retry_delays, 1.0])
-        while True:
+        while not self._closing.is_set():
             try:
                 promoted = await self.queue.promote()
             except REDIS_DOWN as exc:
-                log.warning("redis_unavailable", during="promote", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
+                _redis_down("promote", exc)
+                await self._nap(1.0)
                 continue
             wake = promoted.now + max(horizon, 0.05)
             if promoted.next_due is not None:
                 wake = min(wake, promoted.next_due)
-            await asyncio.sleep(max(wake - promoted.now, 0.002))
+            await self._nap(max(wake - promoted.now, 0.002))
+
+
+def _redis_down(during: str, exc: BaseException) -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # redis-py can turn a cancellation into a connection error: honour the cancel,
+        # or a stopping worker would wait on this loop forever.
+        raise asyncio.CancelledError from exc
+    log.warning("redis_unavailable", during=during, error=type(exc).__name__)
 
 
 class _Backoff:
@@ -230,7 +317,7 @@ async def _until_redis(call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
         except REDIS_DOWN as exc:
-            log.warning("redis_unavailable", during="record", error=type(exc).__name__)
+            _redis_down("record", exc)
             await backoff.sleep()
 
 
@@ -259,8 +346,9 @@ async def serve(settings: Settings, *, on_ready: Callable[[Worker], Any] | None 
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             worker = Worker(settings, redis, build_client(settings, session))
-            if on_ready is not None:
-                on_ready(worker)
-            await worker.run()
+            async with listening(settings, worker.metrics, redis, lambda: not worker.stopping):
+                if on_ready is not None:
+                    on_ready(worker)
+                await worker.run()
     finally:
         await redis.aclose()

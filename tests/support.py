@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from forwarder.settings import Settings
@@ -24,6 +28,8 @@ def fast_settings(redis_url: str, api: StandIn, **overrides: Any) -> Settings:
         "worker_timeout": 1.0,
         "shutdown_grace": 2.0,
         "concurrency": 16,
+        # Tests run many workers at once: no listener unless a test asks for one.
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -43,7 +49,13 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         yield worker
     finally:
         worker.stop()
-        await asyncio.wait_for(task, 30)
+        done, _ = await asyncio.wait([task], timeout=30)
+        if not done:
+            import sys as _s
+
+            for t in asyncio.all_tasks():
+                t.print_stack(file=_s.stderr)
+        await asyncio.wait_for(task, 1)
 
 
 async def wait_until(
@@ -55,3 +67,21 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def worker_process(redis_url: str, api: StandIn, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """``forwarder worker`` in a child process, logging JSON to ``log``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    clean.update(
+        FORWARDER_REDIS_URL=redis_url,
+        FORWARDER_API_BASE_URL=api.base_url,
+        FORWARDER_RETRY_DELAYS="0.2,0.4",
+        FORWARDER_HEARTBEAT_INTERVAL="0.2",
+        FORWARDER_WORKER_TIMEOUT="1",
+        FORWARDER_METRICS_PORT="0",
+    )
+    clean.update(env)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "forwarder", "worker"], env=clean, stderr=out, stdout=out
+        )

@@ -9,8 +9,9 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from forwarder.embedded import free_port
 from forwarder.model import SessionUpdate, UpdateSessionBody
-from forwarder.producer import InvalidUpdate, Producer, SyncProducer, make_update
+from forwarder.producer import InvalidUpdate, Producer, QueueUnavailable, SyncProducer, make_update
 from forwarder.queue import Keys
 
 QUEUE = Keys("forwarder").queue
@@ -87,3 +88,15 @@ def test_sync_enqueue_validates_before_redis() -> None:
     producer = SyncProducer.from_url("redis://127.0.0.1:1/0")
     with pytest.raises(InvalidUpdate, match="accountId"):
         producer.enqueue("12/34", "v", "s", BODY)
+
+
+async def test_an_unreachable_redis_is_a_typed_error_not_a_silent_drop() -> None:
+    producer = Producer.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(QueueUnavailable, match="did not take the batch"):
+            await producer.enqueue("123", "v", "s", BODY)
+    finally:
+        await producer.aclose()
+    sync = SyncProducer.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(QueueUnavailable):
+        sync.enqueue("123", "v", "s", BODY)

@@ -45,7 +45,6 @@ async def assert_drained(redis: Redis) -> None:
     assert await redis.zcard(KEYS.delayed) == 0
     assert await redis.zcard(KEYS.workers) == 0
     assert await redis.keys(KEYS.inflight_prefix + "*") == []
-    assert await redis.keys(KEYS.staging_prefix + "*") == []
 
 
 def arrivals(api: StandIn, visitor: str) -> list[Received]:

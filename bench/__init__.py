@@ -1,0 +1,1 @@
+"""The forwarder's benchmark harness (run by hand: ``python bench/run.py``)."""

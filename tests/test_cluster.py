@@ -1,0 +1,286 @@
+"""The worker, producer and queue scripts on a real three-master Redis Cluster.
+
+Each queue's keys share the hash tag ``{queue}``, so every script and the blocking pop
+touch one slot; these tests prove it on real nodes: each key is read straight from the
+master that owns its slot, with a plain (non-cluster) client that follows no redirect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio
+
+from forwarder.connections import sync_client
+from forwarder.embedded import RedisServer, ServerNotFound, find_server_binary, free_port
+from forwarder.producer import Producer, SyncProducer, make_update
+from forwarder.queue import Keys, Queue
+from forwarder.standin import StandIn
+from tests.support import fast_settings, running_worker, wait_until
+
+BODY: dict[str, Any] = {"pageId": "p1", "engagementAttributes": [{"type": "searchInfo"}]}
+
+
+def _require_binaries() -> None:
+    try:
+        find_server_binary()
+    except ServerNotFound as exc:
+        pytest.skip(str(exc))
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed: it is what builds the cluster")
+
+
+class Cluster:
+    """Three cluster-enabled masters on free loopback ports, slots spread by redis-cli."""
+
+    def __init__(self, root: Path) -> None:
+        self.nodes = [
+            RedisServer(
+                root / f"node{i}",
+                extra_args=[
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", "2000"),
+                    # The default bus port (port + 10000) may be taken, or past 65535.
+                    *("--cluster-port", str(free_port())),
+                ],
+            )
+            for i in range(3)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while not all(self._ok(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok in 15 s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    @staticmethod
+    def _ok(node: RedisServer) -> bool:
+        client = redis.Redis(port=node.port)
+        try:
+            return bool(client.cluster("info").get("cluster_state") == "ok")
+        finally:
+            client.close()
+
+    def owner(self, key: str) -> RedisServer:
+        """The master serving ``key``'s slot, asked of the cluster itself."""
+        client = redis.Redis(port=self.nodes[0].port)
+        try:
+            slot = int(client.cluster("keyslot", key))
+            for start, end, primary, *_ in client.cluster("slots"):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if n.port == int(primary[1]))
+        finally:
+            client.close()
+        raise AssertionError(f"no node serves {key}")
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    _require_binaries()
+    running = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def fresh_cluster(cluster: Cluster) -> Cluster:
+    cluster.flush()
+    return cluster
+
+
+def _direct(node: RedisServer) -> redis.asyncio.Redis:
+    """A plain client on one node: a key it reads is stored on that very node."""
+    return redis.asyncio.Redis(port=node.port)
+
+
+async def _dead(cluster: Cluster, keys: Keys) -> list[dict[str, Any]]:
+    client = _direct(cluster.owner(keys.dead))
+    try:
+        return [orjson.loads(r) for r in await client.lrange(keys.dead, 0, -1)]
+    finally:
+        await client.aclose()
+
+
+async def _left_in(cluster: Cluster, keys: Keys) -> dict[str, int]:
+    """What is still pending, waiting or in flight, read on the slot's owner."""
+    client = _direct(cluster.owner(keys.queue))
+    try:
+        return {
+            "queue": await client.llen(keys.queue),
+            "delayed": await client.zcard(keys.delayed),
+            "workers": await client.zcard(keys.workers),
+            "inflight": len(await client.keys(keys.inflight_prefix + "*")),
+            "held": len(await client.keys(keys.held_prefix + "*")),
+            "sessions": await client.hlen(keys.sessions),
+        }
+    finally:
+        await client.aclose()
+
+
+DRAINED = {"queue": 0, "delayed": 0, "workers": 0, "inflight": 0, "held": 0, "sessions": 0}
+
+
+async def test_delivered_dead_lettered_and_retried_on_a_cluster(
+    fresh_cluster: Cluster, standin: StandIn
+) -> None:
+    keys = Keys("forwarder")
+    producer = Producer.from_url(fresh_cluster.url, cluster=True)
+    try:
+        visitors = ["ok-1", "ok-2", "bad-1", "flaky1-1"]
+        ids = await producer.enqueue_many(make_update("123", v, "s1", BODY) for v in visitors)
+    finally:
+        await producer.aclose()
+    settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True)
+    async with running_worker(settings):
+        await standin.wait_for(lambda api: len(api.delivered) == 3, 10)
+        await wait_until(lambda: _dead_is(fresh_cluster, keys, 1), 5, "a dead letter")
+    delivered = sorted(r.visitor_id for r in standin.delivered)
+    assert delivered == ["flaky1-1", "ok-1", "ok-2"]
+    assert [r.status for r in standin.requests if r.visitor_id == "flaky1-1"] == [503, 200]
+    [record] = await _dead(fresh_cluster, keys)
+    assert (record["id"], record["reason"], record["status"]) == (ids[2], "client_error", 400)
+    assert await _left_in(fresh_cluster, keys) == DRAINED
+
+
+async def _dead_is(cluster: Cluster, keys: Keys, n: int) -> bool:
+    return len(await _dead(cluster, keys)) >= n
+
+
+def _queues_on_every_node(cluster: Cluster) -> list[str]:
+    """One queue name per master, so the workers below really spread over the cluster."""
+    by_port: dict[int, str] = {}
+    for i in range(200):
+        name = f"tenant{i}"
+        by_port.setdefault(cluster.owner(Keys(name).queue).port, name)
+        if len(by_port) == len(cluster.nodes):
+            return list(by_port.values())
+    raise AssertionError("200 names never covered every master")
+
+
+async def test_queues_spread_over_the_masters_each_drained_on_its_own_node(
+    fresh_cluster: Cluster, standin: StandIn
+) -> None:
+    names = _queues_on_every_node(fresh_cluster)
+    # The blocking enqueue path (forwarder enqueue, SyncProducer) as well as the async one.
+    for name in names:
+        producer = SyncProducer.from_url(fresh_cluster.url, queue=name, cluster=True)
+        try:
+            producer.enqueue_many(
+                make_update("123", f"ok-{name}-{i}", "s", BODY) for i in range(20)
+            )
+        finally:
+            producer.close()
+    owners = {fresh_cluster.owner(Keys(name).queue).port for name in names}
+    assert len(owners) == 3
+    for name in names:
+        client = _direct(fresh_cluster.owner(Keys(name).queue))
+        try:
+            assert await client.llen(Keys(name).queue) == 20
+        finally:
+            await client.aclose()
+
+    async with contextlib.AsyncExitStack() as workers:
+        for name in names:
+            settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True, queue=name)
+            await workers.enter_async_context(running_worker(settings))
+        await standin.wait_for(lambda api: len(api.delivered) == 60, 15)
+    expected = sorted(f"ok-{name}-{i}" for name in names for i in range(20))
+    assert sorted(r.visitor_id for r in standin.delivered) == expected
+    for name in names:
+        assert await _left_in(fresh_cluster, Keys(name)) == DRAINED
+
+
+async def test_a_dead_workers_messages_are_given_back_by_the_heartbeat_script(
+    fresh_cluster: Cluster, standin: StandIn
+) -> None:
+    # The heartbeat script builds the dead worker's key names from a prefix inside Lua,
+    # so they are not declared in KEYS: this proves they still resolve on the slot's node.
+    keys = Keys("forwarder")
+    client = redis.asyncio.RedisCluster.from_url(fresh_cluster.url)
+    try:
+        wire = [orjson.dumps(make_update("123", f"ok-{i}", "s", BODY)) for i in range(5)]
+        await client.lpush(keys.queue, *wire)
+        crashed = Queue(client, "forwarder", "crashed-worker")
+        assert len(await crashed.claim(5)) == 5
+        owner = _direct(fresh_cluster.owner(keys.queue))
+        try:
+            assert await owner.hlen(keys.inflight("crashed-worker")) == 5
+        finally:
+            await owner.aclose()
+        async with running_worker(fast_settings(fresh_cluster.url, standin, redis_cluster=True)):
+            await standin.wait_for(lambda api: len(api.delivered) == 5, 10)
+    finally:
+        await client.aclose()
+    assert sorted(r.visitor_id for r in standin.delivered) == [f"ok-{i}" for i in range(5)]
+    assert await _left_in(fresh_cluster, keys) == DRAINED
+
+
+def test_the_blocking_client_pipelines_like_forwarder_enqueue(fresh_cluster: Cluster) -> None:
+    # forwarder enqueue batches LPUSHes in a non-transactional pipeline.
+    client = sync_client(fresh_cluster.url, cluster=True)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for name in _queues_on_every_node(fresh_cluster):
+                pipe.lpush(Keys(name).queue, b"a", b"b")
+            assert pipe.execute() == [2, 2, 2]
+    finally:
+        client.close()
+
+
+async def test_session_ordering_keeps_its_turns_on_the_queues_node(
+    fresh_cluster: Cluster, standin: StandIn
+) -> None:
+    # Ordered claims and settles also name keys inside Lua (the held list of a session).
+    keys = Keys("forwarder")
+    pages = [f"page-{i}" for i in range(5)]
+    producer = Producer.from_url(fresh_cluster.url, cluster=True)
+    try:
+        await producer.enqueue_many(
+            make_update("123", "flaky1-v", "s1", {**BODY, "pageId": page}) for page in pages
+        )
+    finally:
+        await producer.aclose()
+    settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True, ordering="session")
+    async with running_worker(settings):
+        await standin.wait_for(lambda api: len(api.delivered) == 5, 15)
+    assert [r.body["pageId"] for r in standin.delivered] == pages
+    assert len(standin.requests) == 10  # each page: one 503, then the 200
+    assert await _left_in(fresh_cluster, keys) == DRAINED

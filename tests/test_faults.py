@@ -1,0 +1,243 @@
+"""Faults: an API outage (circuit breaker), 429, unreachable hosts, Redis restarts, size caps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from forwarder.breaker import Breakers
+from forwarder.embedded import RedisServer, free_port
+from forwarder.producer import InvalidUpdate, Producer, encode, make_update
+from forwarder.queue import Keys
+from forwarder.standin import Received, StandIn
+from tests.support import fast_settings, running_worker, wait_until
+
+KEYS = Keys("forwarder")
+BODY: dict[str, Any] = {"pageId": "p", "engagementAttributes": [{"type": "searchInfo"}]}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breakers(clock: Clock) -> Breakers:
+    return Breakers(
+        window=10, min_calls=4, failure_ratio=0.5, cooldown=1.0, max_cooldown=4.0, clock=clock
+    )
+
+
+def test_breaker_opens_on_failures_and_probes_after_the_cooldown() -> None:
+    clock = Clock()
+    b = breakers(clock)
+    for failed in (False, True, True, False):
+        assert b.admit("h").wait is None
+        b.record("h", failed, probe=False)
+    assert b.state("h") == "open"
+    parked = b.admit("h")
+    assert parked.wait is not None
+    assert 1.0 <= parked.wait <= 2.0
+    assert b.admit("other").wait is None  # other hosts keep flowing
+    clock.now += 1.0
+    probe = b.admit("h")
+    assert (probe.wait, probe.probe) == (None, True)
+    assert b.admit("h").wait is not None  # one probe at a time
+    b.record("h", True, probe=True)
+    assert b.state("h") == "open"
+    clock.now += 1.5
+    assert b.admit("h").wait is not None  # the cool-down doubled to 2 s
+    clock.now += 0.5
+    assert b.admit("h").probe
+    b.record("h", False, probe=True)
+    assert b.state("h") == "closed"
+    assert b.admit("h").wait is None
+
+
+def test_breaker_ignores_late_results_and_caps_the_cooldown() -> None:
+    clock = Clock()
+    b = breakers(clock)
+    for _ in range(4):
+        b.record("h", True, probe=False)
+    b.record("h", False, probe=False)  # sent before it opened: says nothing new
+    assert b.state("h") == "open"
+    for _ in range(5):
+        clock.now += 10
+        assert b.admit("h").probe
+        b.record("h", True, probe=True)
+    wait = b.admit("h").wait
+    assert wait is not None
+    assert wait <= 8.0  # max cool-down 4 s, plus at most one cool-down of spread
+
+
+def test_breaker_pause_holds_a_host_for_retry_after() -> None:
+    clock = Clock()
+    b = breakers(clock)
+    b.pause("h", 3.0)
+    wait = b.admit("h").wait
+    assert wait is not None
+    assert 3.0 <= wait <= 4.0
+    clock.now += 3.0
+    assert b.admit("h").wait is None
+
+
+async def enqueue(redis_url: str, visitors: list[str]) -> None:
+    producer = Producer.from_url(redis_url)
+    try:
+        await producer.enqueue_many(make_update("123", v, "s", BODY) for v in visitors)
+    finally:
+        await producer.aclose()
+
+
+async def test_a_40_second_outage_dead_letters_nothing_and_costs_few_requests(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    start = time.monotonic()
+    outage_end = start + 40
+
+    async def outage(request: Received) -> web.StreamResponse | None:
+        return web.Response(status=503) if time.monotonic() < outage_end else None
+
+    standin.override = outage
+    await enqueue(redis_url, [f"ok-a{i}" for i in range(1000)])
+    settings = fast_settings(
+        redis_url, standin, retry_delays=(5.0, 10.0, 15.0), concurrency=64, request_timeout=10
+    )
+    async with running_worker(settings):
+        await asyncio.sleep(15)
+        await enqueue(redis_url, [f"ok-b{i}" for i in range(1000)])
+        await standin.wait_for(lambda api: len(api.delivered) >= 2000, 70)
+    during = [r for r in standin.requests if r.at < outage_end]
+    last = max(r.at for r in standin.delivered)
+    print(
+        f"outage: {len(during)} requests while down; all delivered {last - outage_end:.1f} s after"
+    )
+    assert len(during) < 100
+    assert await redis_client.llen(KEYS.dead) == 0
+    assert {r.visitor_id for r in standin.delivered} == {
+        f"ok-{p}{i}" for p in "ab" for i in range(1000)
+    }
+    assert last < outage_end + 20
+
+
+async def test_429_waits_for_retry_after_without_spending_attempts(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    answered: set[str] = set()
+
+    async def throttle(request: Received) -> web.StreamResponse | None:
+        if request.visitor_id in answered:
+            return None
+        answered.add(request.visitor_id)
+        return web.Response(status=429, headers={"Retry-After": "1"})
+
+    standin.override = throttle
+    await enqueue(redis_url, ["ok-t"])
+    async with running_worker(fast_settings(redis_url, standin, retry_delays=())):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    first, second = standin.requests
+    assert (first.status, second.status) == (429, 200)
+    assert 1.0 <= second.at - first.at < 2.5  # Retry-After, plus up to 1 s of spread
+    assert await redis_client.llen(KEYS.dead) == 0
+
+
+async def test_retry_after_is_capped(redis_url: str, standin: StandIn) -> None:
+    answered: set[str] = set()
+
+    async def throttle(request: Received) -> web.StreamResponse | None:
+        if request.visitor_id in answered:
+            return None
+        answered.add(request.visitor_id)
+        return web.Response(status=429, headers={"Retry-After": "3600"})
+
+    standin.override = throttle
+    await enqueue(redis_url, ["ok-t"])
+    async with running_worker(fast_settings(redis_url, standin, max_retry_after=0.5)):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    first, second = standin.requests
+    assert second.at - first.at < 2.0
+
+
+async def test_an_unreachable_host_is_a_connect_failure_retried_on_schedule(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, ["ok-1"])
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = fast_settings(redis_url, standin, api_base_url=closed, retry_delays=(0.1,))
+    async with running_worker(settings):
+        await wait_until(lambda: _llen(redis_client, KEYS.dead, 1), 10, "a dead letter")
+    [record] = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
+    assert (record["reason"], record["lastError"], record["attempts"]) == (
+        "retries_exhausted",
+        "connect",
+        2,
+    )
+
+
+async def test_redis_restart_during_a_load_loses_nothing(own_redis: RedisServer) -> None:
+    # appendfsync always: what Redis acknowledged survives its SIGKILL (the README
+    # explains what everysec may lose).
+    own_redis.stop()
+    server = RedisServer(
+        own_redis.data_dir, own_redis.port, appendonly=True, extra_args=["--appendfsync", "always"]
+    )
+    server.start()
+    visitors = [f"slow20-{i}" for i in range(400)]
+    try:
+        async with StandIn() as api:
+            await enqueue(server.url, visitors)
+            async with running_worker(fast_settings(server.url, api, concurrency=16)):
+                await api.wait_for(lambda a: len(a.delivered) >= 100, 20)
+                server.kill()
+                await asyncio.sleep(1.0)
+                server.start()
+                await api.wait_for(
+                    lambda a: {r.visitor_id for r in a.delivered} >= set(visitors), 40
+                )
+            client = Redis.from_url(server.url)
+            try:
+                assert await client.llen(KEYS.dead) == 0
+                assert await client.llen(KEYS.queue) == 0
+                assert await client.keys(KEYS.inflight_prefix + "*") == []
+            finally:
+                await client.aclose()
+    finally:
+        server.stop()
+
+
+async def test_the_producer_refuses_what_the_worker_would_dead_letter() -> None:
+    huge = make_update("123", "v", "s", {"pageId": "p", "note": "x" * 300_000})
+    with pytest.raises(InvalidUpdate, match="over the 262144-byte cap"):
+        encode(huge)
+    nan = make_update("123", "v", "s", {"pageId": "p", "extra": [1.0, float("nan")]})
+    with pytest.raises(InvalidUpdate, match="finite number"):
+        encode(nan)
+    big = make_update("123", "v", "s", {"pageId": "p", "n": 2**70})
+    with pytest.raises(InvalidUpdate, match="64-bit"):
+        encode(big)
+
+
+async def test_the_worker_dead_letters_an_oversized_element(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    raw = orjson.dumps(make_update("123", "ok-big", "s", {"pageId": "p", "n": "x" * 5000}))
+    await redis_client.lpush(KEYS.queue, raw)
+    async with running_worker(fast_settings(redis_url, standin, max_message_bytes=4096)):
+        await wait_until(lambda: _llen(redis_client, KEYS.dead, 1), 5, "a dead letter")
+    [record] = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
+    assert record["reason"] == "invalid_message"
+    assert record["errors"] == [f"(root): message is {len(raw)} bytes, over the 4096-byte cap"]
+    assert record["raw"] == raw.decode()
+    assert standin.requests == []
+
+
+async def _llen(redis: Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n

@@ -1,0 +1,286 @@
+"""The worker's /metrics, /healthz and /readyz, against a real Redis and the stand-in API."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from forwarder.embedded import RedisServer, free_port
+from forwarder.metrics import LAG_TICK, Listener, Metrics, listening
+from forwarder.outcome import Outcome
+from forwarder.producer import Producer, make_update
+from forwarder.queue import Keys, Queue, Settlement
+from forwarder.settings import Settings
+from forwarder.standin import StandIn
+from tests.support import fast_settings, running_worker, wait_until
+
+KEYS = Keys("forwarder")
+BODY = {"pageId": "p1"}
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def enqueue(redis_url: str, visitors: Iterable[str]) -> None:
+    producer = Producer.from_url(redis_url)
+    try:
+        await producer.enqueue_many(make_update("12345678", v, "s1", BODY) for v in visitors)
+    finally:
+        await producer.aclose()
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(5)) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def scrape(port: int) -> Samples:
+    status, text = await get(port, "/metrics")
+    assert status == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of ``name`` over the series that have ``labels`` (and any others)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def listened(settings_port: int, **overrides: Any) -> dict[str, Any]:
+    return {"metrics_port": settings_port, "metrics_host": "127.0.0.1", **overrides}
+
+
+async def test_counters_match_what_the_api_saw(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    visitors = (
+        [f"ok-{i}" for i in range(8)]
+        + [f"bad-{i}" for i in range(3)]
+        + [f"flaky1-{i}" for i in range(4)]
+        + [f"down-{i}" for i in range(2)]
+    )
+    await enqueue(redis_url, visitors)
+    port = free_port()
+    # No circuit breaking: every outcome here comes from an answer the stand-in gave.
+    settings = fast_settings(
+        redis_url, standin, **listened(port, retry_delays=(0.1, 0.1), breaker_min_calls=10_000)
+    )
+    async with running_worker(settings):
+
+        async def settled() -> bool:
+            done = len(standin.delivered) == 12 and await redis_client.llen(KEYS.dead) == 5
+            return done and total(await scrape(port), "forwarder_outcomes_total") == len(
+                standin.requests
+            )
+
+        await wait_until(settled, 15, "every outcome counted")
+        await asyncio.sleep(1.1)  # past the state cache of the scrapes above
+        samples = await scrape(port)
+    counts = standin.counts
+    assert (counts[200], counts[400], counts[503]) == (12, 3, 4 + 2 * 3)
+    outcomes = "forwarder_outcomes_total"
+    assert value(samples, outcomes, result="delivered", status_class="2xx") == counts[200]
+    assert total(samples, outcomes, status_class="4xx") == counts[400]
+    assert total(samples, outcomes, status_class="5xx") == counts[503]
+    assert value(samples, outcomes, result="retried", status_class="5xx") == 4 + 2 * 2
+    assert value(samples, outcomes, result="dead", status_class="5xx") == 2
+    assert value(samples, "forwarder_dead_letters_total", reason="client_error") == 3
+    assert value(samples, "forwarder_dead_letters_total", reason="retries_exhausted") == 2
+    assert value(samples, "forwarder_dead_letters_total", reason="invalid_message") == 0
+    assert value(samples, "forwarder_retries_total", attempt="1") == 4 + 2
+    assert value(samples, "forwarder_retries_total", attempt="2") == 2
+    assert value(samples, "forwarder_put_duration_seconds_count") == len(standin.requests)
+    assert value(samples, "forwarder_enqueue_to_delivery_seconds_count") == 12
+    assert value(samples, "forwarder_domain_lookup_failures_total") == 0
+    assert value(samples, "forwarder_messages", state="dead") == 5
+    assert value(samples, "forwarder_messages", state="pending") == 0
+    assert value(samples, "forwarder_live_workers") == 1
+    assert value(samples, "forwarder_redis_up") == 1
+    labels = {v for (_, ls) in samples for _, v in ls}
+    assert not {v for v in labels if "12345678" in v or "-" in v}  # no ids as labels
+
+
+async def test_held_messages_and_busy_sessions_are_gauged(
+    redis_url: str, redis_client: Redis
+) -> None:
+    """Session ordering: v1's session has 3 updates and v2's 2; the first of each is claimed."""
+    await enqueue(redis_url, ["v1", "v1", "v1", "v2", "v2"])
+    queue = Queue(redis_client, "forwarder", "w1", ordered=True)
+    assert len(await queue.claim(10)) == 2
+    port = free_port()
+    settings = Settings(redis_url=redis_url, **listened(port))
+    listener = Listener(settings, Metrics(), redis_client, lambda: True)
+    await listener.start()
+    try:
+        samples = await scrape(port)
+    finally:
+        await listener.stop()
+    assert value(samples, "forwarder_busy_sessions") == 2
+    assert value(samples, "forwarder_messages", state="held") == 3
+    assert value(samples, "forwarder_messages", state="inflight") == 2
+    assert value(samples, "forwarder_messages", state="pending") == 0
+
+
+async def test_domain_lookup_failures_are_counted(redis_url: str) -> None:
+    port = free_port()
+    async with StandIn(domain_fail_accounts={"12345678"}) as api:
+        await enqueue(redis_url, ["ok-1"])
+        settings = fast_settings(
+            redis_url,
+            api,
+            **listened(port, api_base_url=None, domain_api_url=api.base_url, api_scheme="http"),
+            retry_delays=(0.1,),
+        )
+        async with running_worker(settings):
+
+            async def dead() -> bool:
+                samples = await scrape(port)
+                return total(samples, "forwarder_dead_letters_total") == 1
+
+            await wait_until(dead, 10, "a dead letter")
+            samples = await scrape(port)
+    assert value(samples, "forwarder_domain_lookup_failures_total") == 2
+    assert value(samples, "forwarder_outcomes_total", result="retried", status_class="none") == 1
+    assert value(samples, "forwarder_put_duration_seconds_count") == 0
+
+
+async def test_dead_letters_dropped_by_the_cap_are_counted_and_named(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await redis_client.lpush(KEYS.dead, *(orjson.dumps({"id": f"old-{i}"}) for i in range(5)))
+    port = free_port()
+    settings = fast_settings(redis_url, standin, **listened(port, dead_max_len=2))
+    with structlog.testing.capture_logs() as logs:
+        async with running_worker(settings):
+            await wait_until(lambda: _llen_is(redis_client, KEYS.dead, 2), 5, "the cap")
+            samples = await scrape(port)
+    assert value(samples, "forwarder_dead_letters_dropped_total", cap="max_len") == 3
+    assert value(samples, "forwarder_dead_letters_dropped_total", cap="max_age") == 0
+    [event] = [e for e in logs if e["event"] == "dead_letters_dropped"]
+    assert (event["cap"], event["ids"]) == ("max_len", ["old-0", "old-1", "old-2"])
+
+
+async def test_readyz_follows_redis_down_and_back(own_redis: RedisServer, standin: StandIn) -> None:
+    port = free_port()
+    async with running_worker(fast_settings(own_redis.url, standin, **listened(port))):
+        assert (await get(port, "/readyz"))[0] == 200
+        await asyncio.to_thread(own_redis.kill)
+        await wait_until(lambda: _status_is(port, "/readyz", 503), 5, "503 while Redis is down")
+        _, body = await get(port, "/readyz")
+        assert orjson.loads(body)["reason"] == "redis_unavailable"
+        assert (await get(port, "/healthz"))[0] == 200  # the process itself is fine
+        assert value(await scrape(port), "forwarder_redis_up") == 0
+        await asyncio.to_thread(own_redis.start)
+        await wait_until(lambda: _status_is(port, "/readyz", 200), 10, "200 once Redis is back")
+
+
+async def test_readyz_is_503_once_the_worker_is_stopping(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, ["slow1500-x"])
+    port = free_port()
+    settings = fast_settings(redis_url, standin, **listened(port, shutdown_grace=5))
+    async with running_worker(settings) as worker:
+        await wait_until(lambda: _llen_is(redis_client, KEYS.queue, 0), 5, "the claim")
+        worker.stop()
+        status, body = await get(port, "/readyz")
+        assert (status, orjson.loads(body)["reason"]) == (503, "stopping")
+
+
+async def test_healthz_turns_503_after_the_event_loop_stalls(
+    redis_url: str, redis_client: Redis
+) -> None:
+    port = free_port()
+    settings = Settings(redis_url=redis_url, **listened(port))
+    listener = Listener(settings, Metrics(), redis_client, lambda: True, lag_limit=0.3)
+    await listener.start()
+    try:
+        assert (await get(port, "/healthz"))[0] == 200
+        time.sleep(1.0)  # noqa: ASYNC251 - the point: a loop blocked by a synchronous call
+        status, body = await get(port, "/healthz")
+        assert status == 503
+        assert orjson.loads(body)["loopLagSeconds"] >= 0.5
+        await asyncio.sleep(2 * LAG_TICK + 0.2)
+        assert (await get(port, "/healthz"))[0] == 200
+    finally:
+        await listener.stop()
+
+
+async def test_a_taken_port_is_logged_and_the_worker_still_delivers(
+    redis_url: str, standin: StandIn
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        await enqueue(redis_url, ["ok-1"])
+        with structlog.testing.capture_logs() as logs:
+            async with running_worker(fast_settings(redis_url, standin, **listened(port))):
+                await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    [failed] = [e for e in logs if e["event"] == "metrics_listen_failed"]
+    assert failed["port"] == port
+
+
+async def test_port_zero_means_no_listener(redis_url: str, redis_client: Redis) -> None:
+    settings = Settings(redis_url=redis_url, metrics_port=0)
+    async with listening(settings, Metrics(), redis_client, lambda: True) as listener:
+        assert listener is None
+
+
+def test_parked_messages_are_counted_by_cause() -> None:
+    metrics = Metrics()
+    for why in ("http_429", "circuit_open", "http_503"):
+        parked = Outcome(Settlement("retry", 1, b"{}", 1.0), "parked", {"id": "x", "why": why})
+        metrics.observe(parked)
+    samples = {
+        s.labels["cause"]: s.value
+        for family in metrics.parked.collect()
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"rate_limited": 1, "circuit_open": 1, "probe_failed": 1}
+
+
+async def _llen_is(redis: Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) == n
+
+
+async def _status_is(port: int, path: str, status: int) -> bool:
+    try:
+        return (await get(port, path))[0] == status
+    except aiohttp.ClientError:
+        return False
+
+
+def test_the_deploy_examples_use_only_exposed_metrics() -> None:
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    exposed = {
+        family.name + suffix
+        for family in Metrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    for example in ("grafana-dashboard.json", "prometheus-rules.yml"):
+        used = set(re.findall(r"\bforwarder_[a-z_]+", (deploy / example).read_text()))
+        assert used, example
+        assert used <= exposed, (example, used - exposed)
