@@ -590,6 +590,7 @@ def mode_latency(env: Env) -> dict[str, Any]:
     args = env.args
     count = int(args.latency_rate * args.latency_seconds)
     env.fresh()
+    env.wait_quiet()
     workers = env.start_workers(1)
     producer = SyncProducer.from_url(env.server.url, QUEUE_NAME)
     stamps: dict[str, float] = {}
@@ -631,6 +632,7 @@ def mode_retry(env: Env) -> dict[str, Any]:
     args = env.args
     count = int(args.retry_rate * args.retry_seconds)
     env.fresh()
+    env.wait_quiet()
     workers = env.start_workers(1, extra={"FORWARDER_RETRY_DELAYS": "1"})
     producer = SyncProducer.from_url(env.server.url, QUEUE_NAME)
     try:
@@ -675,6 +677,7 @@ def mode_retry(env: Env) -> dict[str, Any]:
 def mode_producer(env: Env, profile_dir: Path | None) -> dict[str, Any]:
     args = env.args
     env.fresh()
+    env.wait_quiet()
     argv = [PY, "-m", "bench.producer_bench", "--redis-url", env.server.url]
     argv += ["--n", str(args.producer_n), "--batch", str(args.producer_batch)]
     if profile_dir is not None:
@@ -690,6 +693,7 @@ def mode_producer(env: Env, profile_dir: Path | None) -> dict[str, Any]:
 
 
 def mode_micro(env: Env) -> dict[str, Any]:
+    env.wait_quiet()
     child = env.children.start("micro", [PY, "-m", "bench.micro"], cwd=ROOT, stdout_pipe=True)
     assert child.proc.stdout is not None
     out = child.proc.stdout.read()
@@ -726,6 +730,7 @@ def mode_memory(env: Env) -> dict[str, Any]:
     queued = int(env.r.llen(QUEUE_KEY))
     redis_mem = env.r.info("memory").get("used_memory_human")
     samples: list[dict[str, float]] = []
+    env.wait_quiet()
     t0 = time.monotonic()
     workers = env.start_workers(1, idle=False)
     roots = [w.pid for w in workers]
@@ -983,7 +988,7 @@ def render(results: dict[str, Any]) -> str:
     micro = results.get("micro")
     if micro:
         lines.append("")
-        lines.append("MICRO  µs per call, each step alone (best of 5), example message")
+        lines.append("MICRO  µs per call, each step alone (best of 7), example message")
         for key, value in micro.items():
             if not key.endswith("(error)"):
                 lines.append(f"  {_fmt(value, '8.2f'):>8}  {key}")

@@ -1,7 +1,7 @@
 """Micro mode: µs per call of the per-message steps, on the example message.
 
 ``python -m bench.micro`` prints one JSON line ``{step: µs per call}``. Each step is
-timed in isolation (best of 5 rounds of ``timeit``), so the figures say what a step costs
+timed in isolation (best of 7 rounds of ``timeit``), so the figures say what a step costs
 on its own, not its share of a run: use them to size a proposed change. A step whose
 forwarder API has changed since this was written is reported as null, not as an error.
 """
@@ -24,7 +24,7 @@ from bench.common import ACCOUNT, EXAMPLE_BODY, update
 
 
 def _best_us(fn: Callable[[], object], number: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+    return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
 
 
 def steps() -> dict[str, Callable[[], object]]:

@@ -62,10 +62,6 @@ def package(frame: str) -> str:
 _BUCKETS: list[tuple[str, Callable[[str, str], bool]]] = [
     ("message decode + validation (model, pydantic)", lambda fn, f: f == "forwarder/model.py"),
     ("message decode + validation (model, pydantic)", lambda fn, f: f.startswith("pydantic")),
-    (
-        "URL building (quote, yarl) in forwarder.client",
-        lambda fn, f: f == "forwarder/client.py" and fn.rsplit(".", 1)[-1] in ("_url", "base_url"),
-    ),
     ("metrics (prometheus_client)", lambda fn, f: f.startswith("prometheus_client")),
     ("metrics (prometheus_client)", lambda fn, f: f == "forwarder/metrics.py"),
     ("logging (structlog)", lambda fn, f: f.startswith("structlog")),
@@ -82,6 +78,13 @@ _BUCKETS: list[tuple[str, Callable[[str, str], bool]]] = [
 
 
 _LOOP_STEP = "Handle._run (asyncio/events.py)"
+_URL_FRAMES = frozenset(
+    {
+        "_url (forwarder/client.py)",
+        "EngagementClient._url (forwarder/client.py)",
+        "EngagementClient.base_url (forwarder/client.py)",
+    }
+)
 
 
 def bucket(frames: list[str]) -> str:
@@ -91,6 +94,11 @@ def bucket(frames: list[str]) -> str:
         return "event loop, sockets, other (unattributed)"
     step = len(frames) - 1 - frames[::-1].index(_LOOP_STEP)
     inner = frames[step + 1 :]
+    # Building the request URL calls into yarl (which the HTTP client uses too): the
+    # enclosing forwarder function decides.
+    for frame in inner:
+        if frame in _URL_FRAMES:
+            return "URL building (quote, yarl) in forwarder.client"
     for depth in range(len(inner) - 1, -1, -1):
         func, _, rest = inner[depth].rpartition(" (")
         file = rest.rstrip(")")

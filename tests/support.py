@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from forwarder.producer import Producer, make_update
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
 from forwarder.worker import Worker, serve
@@ -85,3 +86,14 @@ def worker_process(redis_url: str, api: StandIn, log: Path, **env: str) -> subpr
         return subprocess.Popen(
             [sys.executable, "-m", "forwarder", "worker"], env=clean, stderr=out, stdout=out
         )
+
+
+async def enqueue_visitors(
+    redis_url: str, visitors: Iterable[str], body: dict[str, Any], account: str = "123"
+) -> None:
+    """One update per visitor id (session ``s``), enqueued as one batch."""
+    producer = Producer.from_url(redis_url)
+    try:
+        await producer.enqueue_many(make_update(account, v, "s", body) for v in visitors)
+    finally:
+        await producer.aclose()

@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 
 from forwarder.breaker import Breakers
 from forwarder.embedded import RedisServer, free_port
-from forwarder.producer import InvalidUpdate, Producer, encode, make_update
+from forwarder.producer import InvalidUpdate, encode, make_update
 from forwarder.queue import Keys
-from forwarder.standin import Received, StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from forwarder.standin import Override, Received, StandIn
+from tests.support import enqueue_visitors, fast_settings, running_worker, wait_until
 
 KEYS = Keys("forwarder")
 BODY: dict[str, Any] = {"pageId": "p", "engagementAttributes": [{"type": "searchInfo"}]}
@@ -90,11 +90,7 @@ def test_breaker_pause_holds_a_host_for_retry_after() -> None:
 
 
 async def enqueue(redis_url: str, visitors: list[str]) -> None:
-    producer = Producer.from_url(redis_url)
-    try:
-        await producer.enqueue_many(make_update("123", v, "s", BODY) for v in visitors)
-    finally:
-        await producer.aclose()
+    await enqueue_visitors(redis_url, visitors, BODY)
 
 
 async def test_a_40_second_outage_dead_letters_nothing_and_costs_few_requests(
@@ -128,18 +124,23 @@ async def test_a_40_second_outage_dead_letters_nothing_and_costs_few_requests(
     assert last < outage_end + 20
 
 
-async def test_429_waits_for_retry_after_without_spending_attempts(
-    redis_url: str, redis_client: Redis, standin: StandIn
-) -> None:
+def throttle_once(retry_after: str) -> Override:
+    """A 429 with ``Retry-After`` for each visitor's first request, then the usual rules."""
     answered: set[str] = set()
 
     async def throttle(request: Received) -> web.StreamResponse | None:
         if request.visitor_id in answered:
             return None
         answered.add(request.visitor_id)
-        return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(status=429, headers={"Retry-After": retry_after})
 
-    standin.override = throttle
+    return throttle
+
+
+async def test_429_waits_for_retry_after_without_spending_attempts(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    standin.override = throttle_once("1")
     await enqueue(redis_url, ["ok-t"])
     async with running_worker(fast_settings(redis_url, standin, retry_delays=())):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
@@ -150,15 +151,7 @@ async def test_429_waits_for_retry_after_without_spending_attempts(
 
 
 async def test_retry_after_is_capped(redis_url: str, standin: StandIn) -> None:
-    answered: set[str] = set()
-
-    async def throttle(request: Received) -> web.StreamResponse | None:
-        if request.visitor_id in answered:
-            return None
-        answered.add(request.visitor_id)
-        return web.Response(status=429, headers={"Retry-After": "3600"})
-
-    standin.override = throttle
+    standin.override = throttle_once("3600")
     await enqueue(redis_url, ["ok-t"])
     async with running_worker(fast_settings(redis_url, standin, max_retry_after=0.5)):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)

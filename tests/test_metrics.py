@@ -19,11 +19,10 @@ from redis.asyncio import Redis
 from forwarder.embedded import RedisServer, free_port
 from forwarder.metrics import LAG_TICK, Listener, Metrics, listening
 from forwarder.outcome import Outcome
-from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys, Queue, Settlement
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from tests.support import enqueue_visitors, fast_settings, running_worker, wait_until
 
 KEYS = Keys("forwarder")
 BODY = {"pageId": "p1"}
@@ -31,11 +30,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 async def enqueue(redis_url: str, visitors: Iterable[str]) -> None:
-    producer = Producer.from_url(redis_url)
-    try:
-        await producer.enqueue_many(make_update("12345678", v, "s1", BODY) for v in visitors)
-    finally:
-        await producer.aclose()
+    await enqueue_visitors(redis_url, visitors, BODY, account="12345678")
 
 
 async def get(port: int, path: str) -> tuple[int, str]:

@@ -13,10 +13,15 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
-from tests.support import fast_settings, running_worker, wait_until, worker_process
+from tests.support import (
+    enqueue_visitors,
+    fast_settings,
+    running_worker,
+    wait_until,
+    worker_process,
+)
 
 KEYS = Keys("forwarder")
 PII = "sarah.west@example.com"
@@ -29,11 +34,7 @@ BODY: dict[str, Any] = {
 
 
 async def enqueue(redis_url: str, visitors: list[str]) -> None:
-    producer = Producer.from_url(redis_url)
-    try:
-        await producer.enqueue_many(make_update("123", v, "s", BODY) for v in visitors)
-    finally:
-        await producer.aclose()
+    await enqueue_visitors(redis_url, visitors, BODY)
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
