@@ -6,41 +6,10 @@ from typing import Any
 
 import orjson
 
+from forwarder.demo import DOCS_EXAMPLE_BODY as EXAMPLE_BODY
+
 ACCOUNT = "12345678"
 
-# /work/shared/engagement-api.md, "The example body from the Update Session page".
-EXAMPLE_BODY: dict[str, Any] = {
-    "pageId": "4743822558",
-    "impAttributes": [
-        {
-            "type": "impAccept",
-            "campaign": 3115242510,
-            "engId": 3115242810,
-            "revision": 537,
-            "eContext": [{"type": "engagementContext", "id": "1"}],
-        },
-        {
-            "type": "impDisplay",
-            "campaign": 3115242510,
-            "engId": 3115242810,
-            "revision": 537,
-            "eContext": [{"type": "engagementContext", "id": "1"}],
-        },
-    ],
-    "engagementAttributes": [
-        {
-            "type": "personal",
-            "personal": {
-                "contacts": [{"email": "sarah@gmail.com", "phone": "0987653"}],
-                "age": {"age": 30.0, "year": 1986, "month": 7, "day": 22},
-                "firstname": "Sarah",
-                "lastname": "West",
-                "gender": "FEMALE",
-                "company": "liveperson",
-            },
-        }
-    ],
-}
 
 BODY_BYTES = orjson.dumps(EXAMPLE_BODY)
 

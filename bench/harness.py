@@ -245,7 +245,7 @@ class Env:
         keys: list[bytes] = []
         for worker in self.r.zrange(WORKERS_KEY, 0, -1):
             wid = worker.decode() if isinstance(worker, bytes) else str(worker)
-            keys += [f"{TAG}:inflight:{wid}".encode(), f"{TAG}:claiming:{wid}".encode()]
+            keys.append(f"{TAG}:inflight:{wid}".encode())
         return keys
 
     def settled(self, keys: list[bytes]) -> bool:
@@ -253,7 +253,7 @@ class Env:
         if int(self.r.llen(QUEUE_KEY)) != 0:
             return False
         for key in keys:
-            pending = self.r.hlen(key) if b":inflight:" in key else self.r.llen(key)
+            pending = self.r.hlen(key)
             if int(pending) != 0:
                 return False
         return True

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--api-base-url", help="FORWARDER_API_BASE_URL")
     worker.add_argument("--retry-delays", help="FORWARDER_RETRY_DELAYS, e.g. 5,10,15")
     worker.add_argument("--request-timeout", type=float, help="FORWARDER_REQUEST_TIMEOUT")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes to run (one per core; default 1)",
+    )
     worker.set_defaults(func=_cmd_worker)
 
     enqueue = sub.add_parser(
@@ -99,8 +105,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if args.processes < 1:
+        print("forwarder: --processes must be at least 1", file=sys.stderr)
+        return 2
+    if args.processes > 1:
+        from forwarder.processes import supervise
+
+        return supervise(args.processes, _flag_settings(args), settings.metrics_port)
+    from forwarder.worker import tune_gc
+
+    tune_gc()
     asyncio.run(_run_until_signal(settings))
     return 0
+
+
+def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given as flags, as the environment variables that carry them."""
+    names = Settings.model_fields.keys()
+    return {
+        f"FORWARDER_{k.upper()}": str(v)
+        for k, v in vars(args).items()
+        if k in names and v is not None
+    }
 
 
 async def _run_until_signal(settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -124,11 +125,19 @@ def _url(base: str, message: SessionUpdate) -> URL:
     # Path parts are percent-encoded with no safe characters: a visitor id can never
     # add a path segment or a query.
     path = (
-        f"/api/account/{quote(message.account_id, safe='')}"
-        f"/app/engagement/visitors/{quote(message.visitor_id, safe='')}"
+        f"/api/account/{_quote(message.account_id)}"
+        f"/app/engagement/visitors/{_quote(message.visitor_id)}"
     )
-    query = f"?v={API_VERSION}&sid={quote(message.session_id, safe='')}"
+    query = f"?v={API_VERSION}&sid={_quote(message.session_id)}"
     return URL(base + path + query, encoded=True)
+
+
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _quote(part: str) -> str:
+    # Most ids need no escaping; the check is a tenth of quote()'s cost.
+    return part if _UNRESERVED.fullmatch(part) else quote(part, safe="")
 
 
 def _retry_after(value: str | None) -> float | None:

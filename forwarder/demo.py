@@ -37,40 +37,43 @@ DATA_DIR = Path(".forwarder-demo")
 DEMO_DELAYS = (0.5, 1.0, 1.5)
 DEMO_QUEUE = "forwarder-demo"
 
+# The example body of LivePerson's Update Session page, verbatim.
+DOCS_EXAMPLE_BODY: dict[str, Any] = {
+    "pageId": "4743822558",
+    "impAttributes": [
+        {
+            "type": "impAccept",
+            "campaign": 3115242510,
+            "engId": 3115242810,
+            "revision": 537,
+            "eContext": [{"type": "engagementContext", "id": "1"}],
+        },
+        {
+            "type": "impDisplay",
+            "campaign": 3115242510,
+            "engId": 3115242810,
+            "revision": 537,
+            "eContext": [{"type": "engagementContext", "id": "1"}],
+        },
+    ],
+    "engagementAttributes": [
+        {
+            "type": "personal",
+            "personal": {
+                "contacts": [{"email": "sarah@gmail.com", "phone": "0987653"}],
+                "age": {"age": 30.0, "year": 1986, "month": 7, "day": 22},
+                "firstname": "Sarah",
+                "lastname": "West",
+                "gender": "FEMALE",
+                "company": "liveperson",
+            },
+        },
+    ],
+}
+
 # Bodies from LivePerson's Update Session and engagement-attribute examples.
 SAMPLE_BODIES: list[dict[str, Any]] = [
-    {
-        "pageId": "4743822558",
-        "impAttributes": [
-            {
-                "type": "impAccept",
-                "campaign": 3115242510,
-                "engId": 3115242810,
-                "revision": 537,
-                "eContext": [{"type": "engagementContext", "id": "1"}],
-            },
-            {
-                "type": "impDisplay",
-                "campaign": 3115242510,
-                "engId": 3115242810,
-                "revision": 537,
-                "eContext": [{"type": "engagementContext", "id": "1"}],
-            },
-        ],
-        "engagementAttributes": [
-            {
-                "type": "personal",
-                "personal": {
-                    "contacts": [{"email": "sarah@gmail.com", "phone": "0987653"}],
-                    "age": {"age": 30.0, "year": 1986, "month": 7, "day": 22},
-                    "firstname": "Sarah",
-                    "lastname": "West",
-                    "gender": "FEMALE",
-                    "company": "liveperson",
-                },
-            },
-        ],
-    },
+    DOCS_EXAMPLE_BODY,
     {
         "pageId": "4743822558",
         "engagementAttributes": [

@@ -10,9 +10,9 @@ a plain ``LPUSH {forwarder}:queue '<message>'``.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -30,6 +30,7 @@ from forwarder.model import (
 from forwarder.queue import Keys
 
 Update = SessionUpdate | Mapping[str, Any]
+PUSH_CHUNK = 1000
 # Connection errors, timeouts, and a fail-over in progress (a read-only replica, a
 # cluster slot moving).
 REDIS_UNAVAILABLE = (
@@ -62,7 +63,12 @@ class InvalidUpdate(ValueError):
         super().__init__(f"update #{index} is invalid: " + "; ".join(errors))
 
 
-def encode(update: Update, index: int = 0, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[str, bytes]:
+def encode(
+    update: Update,
+    index: int = 0,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    enqueued_at: float | None = None,
+) -> tuple[str, bytes]:
     """Validate one update and give its id and wire bytes (id and enqueuedAt filled in)."""
     if isinstance(update, SessionUpdate):
         data = update.model_dump(mode="json", by_alias=True, exclude_unset=True)
@@ -73,8 +79,9 @@ def encode(update: Update, index: int = 0, max_bytes: int = MAX_MESSAGE_BYTES) -
         except ValidationError as exc:
             raise InvalidUpdate(format_errors(exc), index) from None
     if data.get("id") is None:
-        data["id"] = uuid.uuid4().hex
-    data.setdefault("enqueuedAt", time.time())
+        # 128 random bits, as uuid4 has, at a quarter of its cost.
+        data["id"] = os.urandom(16).hex()
+    data.setdefault("enqueuedAt", time.time() if enqueued_at is None else enqueued_at)
     try:
         raw = orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
@@ -86,13 +93,22 @@ def encode(update: Update, index: int = 0, max_bytes: int = MAX_MESSAGE_BYTES) -
 
 
 def encode_many(updates: Iterable[Update]) -> tuple[list[str], list[bytes]]:
+    """Validate all (raising on the first invalid one); their ids and wire bytes."""
     ids: list[str] = []
     wire: list[bytes] = []
+    now = time.time()
     for index, update in enumerate(updates):
-        message_id, raw = encode(update, index)
+        message_id, raw = encode(update, index, enqueued_at=now)
         ids.append(message_id)
         wire.append(raw)
     return ids, wire
+
+
+def _chunks(wire: list[bytes]) -> Iterator[list[bytes]]:
+    # One LPUSH of 100,000 values costs the client 4x as much per value as 100 of 1,000;
+    # MULTI/EXEC keeps the batch all or nothing.
+    for start in range(0, len(wire), PUSH_CHUNK):
+        yield wire[start : start + PUSH_CHUNK]
 
 
 def make_update(
@@ -147,7 +163,13 @@ class Producer:
         ids, wire = encode_many(updates)
         if wire:
             try:
-                await self.client.lpush(self.key, *wire)
+                if len(wire) <= PUSH_CHUNK:
+                    await self.client.lpush(self.key, *wire)
+                else:
+                    async with self.client.pipeline(transaction=True) as pipe:
+                        for chunk in _chunks(wire):
+                            pipe.lpush(self.key, *chunk)
+                        await pipe.execute()
             except REDIS_UNAVAILABLE as exc:
                 raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
         return ids
@@ -186,7 +208,13 @@ class SyncProducer:
         ids, wire = encode_many(updates)
         if wire:
             try:
-                self.client.lpush(self.key, *wire)
+                if len(wire) <= PUSH_CHUNK:
+                    self.client.lpush(self.key, *wire)
+                else:
+                    with self.client.pipeline(transaction=True) as pipe:
+                        for chunk in _chunks(wire):
+                            pipe.lpush(self.key, *chunk)
+                        pipe.execute()
             except REDIS_UNAVAILABLE as exc:
                 raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
         return ids

@@ -41,13 +41,7 @@ local function give_back(inflight, dst)
 end
 -- Up to n messages from the queue's consuming end, oldest first.
 local function take(queue, n)
-  local out = {}
-  local items = redis.call('LRANGE', queue, -n, -1)
-  if #items > 0 then
-    redis.call('LTRIM', queue, 0, -#items - 1)
-    for i = #items, 1, -1 do out[#out + 1] = items[i] end
-  end
-  return out
+  return redis.call('RPOP', queue, n) or {}
 end
 -- Records claimed messages under claim numbers base + 1, base + 2, ...; returns
 -- {number, message, ...}.
@@ -169,10 +163,10 @@ return record(KEYS[2], base, out)
 _SETTLE = (
     _LIB
     + """
-local t = now()
 local acks = tonumber(ARGV[1])
 local out = {0}
 if acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(ARGV, 2, acks + 1)) end
+local t = (#ARGV > acks + 1) and now() or 0
 local retries, dead = {}, {}
 for i = acks + 2, #ARGV, 4 do
   local kept = redis.call('HDEL', KEYS[1], ARGV[i + 1])

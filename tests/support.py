@@ -70,8 +70,10 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
-def worker_process(redis_url: str, api: StandIn, log: Path, **env: str) -> subprocess.Popen[bytes]:
-    """``forwarder worker`` in a child process, logging JSON to ``log``."""
+def worker_process(
+    redis_url: str, api: StandIn, log: Path, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    """``forwarder worker [args]`` in a child process, logging JSON to ``log``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
     clean.update(
         FORWARDER_REDIS_URL=redis_url,
@@ -84,7 +86,7 @@ def worker_process(redis_url: str, api: StandIn, log: Path, **env: str) -> subpr
     clean.update(env)
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "worker"], env=clean, stderr=out, stdout=out
+            [sys.executable, "-m", "forwarder", "worker", *args], env=clean, stderr=out, stdout=out
         )
 
 

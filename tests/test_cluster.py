@@ -284,3 +284,27 @@ async def test_session_ordering_keeps_its_turns_on_the_queues_node(
     assert [r.body["pageId"] for r in standin.delivered] == pages
     assert len(standin.requests) == 10  # each page: one 503, then the 200
     assert await _left_in(fresh_cluster, keys) == DRAINED
+
+
+async def test_a_large_batch_is_one_transaction_on_the_queues_node(
+    fresh_cluster: Cluster,
+) -> None:
+    updates = [make_update("1", f"v{i}", "s", {"pageId": "p"}) for i in range(2500)]
+    producer = Producer.from_url(fresh_cluster.url, cluster=True)
+    try:
+        ids = await producer.enqueue_many(updates)
+    finally:
+        await producer.aclose()
+    sync = SyncProducer.from_url(fresh_cluster.url, cluster=True)
+    try:
+        ids += sync.enqueue_many(updates)
+    finally:
+        sync.close()
+    client = sync_client(fresh_cluster.url, cluster=True)
+    try:
+        queued = [
+            orjson.loads(r)["id"] for r in reversed(client.lrange(Keys("forwarder").queue, 0, -1))
+        ]
+    finally:
+        client.close()
+    assert queued == ids

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from forwarder.demo import DOCS_EXAMPLE_BODY as DOCS_BODY
 from forwarder.model import (
     Cart,
     CustomerInfo,
@@ -29,40 +30,6 @@ from forwarder.model import (
     format_errors,
     message_json_schema,
 )
-
-# The body example from LivePerson's Update Session page, verbatim.
-DOCS_BODY: dict[str, Any] = {
-    "pageId": "4743822558",
-    "impAttributes": [
-        {
-            "type": "impAccept",
-            "campaign": 3115242510,
-            "engId": 3115242810,
-            "revision": 537,
-            "eContext": [{"type": "engagementContext", "id": "1"}],
-        },
-        {
-            "type": "impDisplay",
-            "campaign": 3115242510,
-            "engId": 3115242810,
-            "revision": 537,
-            "eContext": [{"type": "engagementContext", "id": "1"}],
-        },
-    ],
-    "engagementAttributes": [
-        {
-            "type": "personal",
-            "personal": {
-                "contacts": [{"email": "sarah@gmail.com", "phone": "0987653"}],
-                "age": {"age": 30.0, "year": 1986, "month": 7, "day": 22},
-                "firstname": "Sarah",
-                "lastname": "West",
-                "gender": "FEMALE",
-                "company": "liveperson",
-            },
-        }
-    ],
-}
 
 PRODUCTS: list[dict[str, Any]] = [
     {

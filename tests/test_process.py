@@ -134,3 +134,25 @@ async def _in_flight_is(redis: Redis, n: int) -> bool:
 
 async def _dead_is(redis: Redis, n: int) -> bool:
     return int(await redis.llen(KEYS.dead)) == n
+
+
+async def test_processes_runs_several_workers_and_stops_them_together(
+    redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
+) -> None:
+    await enqueue(redis_url, [f"ok-{i}" for i in range(500)])
+    log = tmp_path / "workers.log"
+    parent = worker_process(redis_url, standin, log, "--processes", "2")
+    try:
+        await wait_until(lambda: _workers_are(redis_client, 2), 10, "2 registered workers")
+        await standin.wait_for(lambda api: len(api.delivered) == 500, 20)
+        parent.send_signal(signal.SIGTERM)
+        assert await wait_exit(parent, 15) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert await redis_client.zcard(KEYS.workers) == 0
+    assert log.read_text().count("worker_stopped") == 2
+
+
+async def _workers_are(redis: Redis, n: int) -> bool:
+    return int(await redis.zcard(KEYS.workers)) == n

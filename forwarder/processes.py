@@ -1,0 +1,55 @@
+"""``forwarder worker --processes N``: N worker processes under one parent.
+
+Each child is a plain ``forwarder worker`` with the same settings (the parent's flags
+passed on as environment variables) and its own metrics port (the base port + its
+index). SIGTERM or SIGINT to the parent reaches every child, which stops as one worker
+does; the parent exits when all have, with the worst exit code. A child that exits on
+its own stops the others too: the orchestrator, not this parent, restarts workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from types import FrameType
+
+import structlog
+
+log = structlog.get_logger("forwarder.processes")
+
+
+def supervise(count: int, env: Mapping[str, str], metrics_port: int) -> int:
+    """Run ``count`` worker processes until they stop; return the worst exit code."""
+    children = [_spawn(i, env, metrics_port) for i in range(count)]
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("workers_started", processes=count, pids=[c.pid for c in children])
+    while any(c.poll() is None for c in children):
+        exited = [c for c in children if c.poll() is not None]
+        if exited and not stopping:
+            log.error("worker_process_exited", pid=exited[0].pid, code=exited[0].returncode)
+            forward(signal.SIGTERM, None)
+        time.sleep(0.1)
+    return max(abs(int(c.returncode)) for c in children)
+
+
+def _spawn(index: int, env: Mapping[str, str], metrics_port: int) -> subprocess.Popen[bytes]:
+    child_env = {**os.environ, **env}
+    if metrics_port:
+        child_env["FORWARDER_METRICS_PORT"] = str(metrics_port + index)
+    return subprocess.Popen(
+        [sys.executable, "-m", "forwarder", "worker", "--processes", "1"], env=child_env
+    )
