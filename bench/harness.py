@@ -404,15 +404,19 @@ def run_forwarder(
     profile: Path | None = None,
     probe: dict[str, str] | None = None,
     label: str | None = None,
+    settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Idle worker(s) first, then one LPUSH of all N; timed by the API's clock.
 
     ``probe``: run the worker through :mod:`bench.worker_probe` with these BENCH_* knobs.
+    ``settings``: FORWARDER_* variables for the worker (e.g. session ordering).
     """
     n = len(wire)
     env.fresh()
     env.wait_quiet()
-    workers = env.start_workers(processes, probe=probe is not None, extra=probe)
+    workers = env.start_workers(
+        processes, probe=probe is not None, extra={**(probe or {}), **(settings or {})}
+    )
     roots = [w.pid for w in workers]
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -505,10 +509,21 @@ def mode_throughput(env: Env) -> dict[str, Any]:
     wire = wire_messages(args.n)
     runs: list[dict[str, Any]] = []
     order = ["ceiling", *[f"p{p}" for p in args.processes]]
+    if args.ordering:
+        order.append("ordered")
     for round_no in range(1, args.repeat + 1):
         for name in order:
             if name == "ceiling":
                 result = run_ceiling(env, args.n)
+            elif name == "ordered":
+                # Every message its own session: what the turn bookkeeping itself costs.
+                result = run_forwarder(
+                    env,
+                    wire,
+                    1,
+                    label="forwarder p1 ordered",
+                    settings={"FORWARDER_ORDERING": "session"},
+                )
             else:
                 result = run_forwarder(env, wire, int(name[1:]))
             result["round"] = round_no
@@ -1100,6 +1115,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--processes",
         default="1,2",
         help="worker process counts to run in throughput mode, e.g. 1,2 (default) or 1",
+    )
+    parser.add_argument(
+        "--ordering",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one worker with FORWARDER_ORDERING=session (default: on)",
     )
     parser.add_argument("--api", choices=["raw", "aiohttp", "standin"], default="raw")
     parser.add_argument(
