@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 
 from bench import procs
 from bench.api import _UNAVAILABLE, _http
-from bench.common import ACCOUNT, EXAMPLE_BODY
+from bench.common import ACCOUNT
 from bench.harness import (
     DEAD_KEY,
     DELAYED_KEY,
@@ -58,6 +58,7 @@ from bench.harness import (
     machine,
 )
 from bench.procs import Child, Children
+from forwarder.demo import DOCS_EXAMPLE_BODY as EXAMPLE_BODY
 from forwarder.embedded import RedisServer
 from forwarder.producer import Producer, QueueUnavailable, make_update
 
@@ -802,7 +803,7 @@ async def soak_main(args: argparse.Namespace) -> tuple[int, dict[str, Any] | Non
         for slot in soak.slots:
             slot.child = None
         left = await leftovers(soak)
-        dead_raw = [bytes(raw) for raw in await admin.lrange(DEAD_KEY, 0, -1)]
+        dead_raw = [cast(bytes, raw) for raw in await admin.lrange(DEAD_KEY, 0, -1)]
         record = await asyncio.to_thread(control.record)
         seen: dict[str, list[int]] = record["visitors"]
         rec = reconcile(soak, seen, dead_raw, left)

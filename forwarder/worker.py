@@ -46,6 +46,9 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgai
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
 SETTLE_BATCH = 500
+# How long a stopping worker keeps trying to record outcomes and give back what it holds
+# while Redis does not answer, before it exits and leaves that to the live workers.
+GIVE_UP_SECONDS = 10.0
 
 T = TypeVar("T")
 
@@ -102,8 +105,10 @@ class Worker:
         return self._stopping.is_set()
 
     async def run(self) -> None:
-        """Run until :meth:`stop`; on return this worker has no keys left in Redis."""
-        await _until_redis(lambda: self.queue.heartbeat(self.settings.worker_timeout))
+        """Run until :meth:`stop`; on return this worker has no keys left in Redis
+        (unless Redis stayed unreachable through the stop: see ``release_failed``)."""
+        if not await self._register():
+            return
         log.info(
             "worker_started",
             worker=self.id,
@@ -124,18 +129,40 @@ class Worker:
             log.info("worker_draining", worker=self.id, outcomes=self._outcomes.qsize())
             # If the recorder died, what it had not recorded stays in flight in Redis and
             # goes back to the queue with the release below.
+            recorded = asyncio.ensure_future(self._outcomes.join())
             await asyncio.wait(
-                [asyncio.ensure_future(self._outcomes.join()), recorder],
-                return_when=asyncio.FIRST_COMPLETED,
+                [recorded, recorder], timeout=GIVE_UP_SECONDS, return_when=asyncio.FIRST_COMPLETED
             )
+            recorded.cancel()
         finally:
             # The loops end on this flag, not by cancellation: a cancel that lands in a
             # Redis call can be swallowed by the client, and then the loop never ends.
             self._closing.set()
-            recorder.cancel()  # idle by now, waiting for an outcome that won't come
+            recorder.cancel()  # idle by now, unless Redis has been down since the stop
             await asyncio.gather(*background, return_exceptions=True)
-            returned = await _until_redis(self.queue.release)
-            log.info("worker_stopped", worker=self.id, returned=returned)
+            await self._release()
+
+    async def _register(self) -> bool:
+        """Heartbeat once before the first claim; False if stopped before Redis answered."""
+        backoff = _Backoff()
+        while not self._stopping.is_set():
+            try:
+                await self.queue.heartbeat(self.settings.worker_timeout)
+                return True
+            except REDIS_DOWN as exc:
+                _redis_down("start", exc)
+                await backoff.sleep()
+        return False
+
+    async def _release(self) -> None:
+        try:
+            returned = await asyncio.wait_for(_until_redis(self.queue.release), GIVE_UP_SECONDS)
+        except TimeoutError:
+            # What it held stays in its in-flight record; a live worker returns it to
+            # the queue once this one's heartbeat is older than FORWARDER_WORKER_TIMEOUT.
+            log.error("release_failed", worker=self.id, unrecorded=self._outcomes.qsize())
+            return
+        log.info("worker_stopped", worker=self.id, returned=returned)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

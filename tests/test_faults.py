@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -175,35 +177,37 @@ async def test_an_unreachable_host_is_a_connect_failure_retried_on_schedule(
     )
 
 
-async def test_redis_restart_during_a_load_loses_nothing(own_redis: RedisServer) -> None:
-    # appendfsync always: what Redis acknowledged survives its SIGKILL (the README
-    # explains what everysec may lose).
-    own_redis.stop()
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """appendfsync always: what Redis acknowledged survives its SIGKILL (the README
+    explains what everysec may lose)."""
     server = RedisServer(
-        own_redis.data_dir, own_redis.port, appendonly=True, extra_args=["--appendfsync", "always"]
+        tmp_path / "durable", appendonly=True, extra_args=["--appendfsync", "always"]
     )
-    server.start()
+    with server:
+        yield server
+
+
+async def test_redis_restart_during_a_load_loses_nothing(durable_redis: RedisServer) -> None:
+    server = durable_redis
     visitors = [f"slow20-{i}" for i in range(400)]
+    async with StandIn() as api:
+        await enqueue(server.url, visitors)
+        async with running_worker(fast_settings(server.url, api, concurrency=16)):
+            await api.wait_for(lambda a: len(a.delivered) >= 100, 20)
+            server.kill()
+            await asyncio.sleep(1.0)
+            server.start()
+            await api.wait_for(lambda a: {r.visitor_id for r in a.delivered} >= set(visitors), 40)
+            # Copies re-sent after the restart (at least once) are drained too.
+            await wait_until(lambda: _in_flight(server.url, 0), 10, "nothing in flight")
+    client = Redis.from_url(server.url)
     try:
-        async with StandIn() as api:
-            await enqueue(server.url, visitors)
-            async with running_worker(fast_settings(server.url, api, concurrency=16)):
-                await api.wait_for(lambda a: len(a.delivered) >= 100, 20)
-                server.kill()
-                await asyncio.sleep(1.0)
-                server.start()
-                await api.wait_for(
-                    lambda a: {r.visitor_id for r in a.delivered} >= set(visitors), 40
-                )
-            client = Redis.from_url(server.url)
-            try:
-                assert await client.llen(KEYS.dead) == 0
-                assert await client.llen(KEYS.queue) == 0
-                assert await client.keys(KEYS.inflight_prefix + "*") == []
-            finally:
-                await client.aclose()
+        assert await client.llen(KEYS.dead) == 0
+        assert await client.llen(KEYS.queue) == 0
+        assert await client.keys(KEYS.inflight_prefix + "*") == []
     finally:
-        server.stop()
+        await client.aclose()
 
 
 async def test_the_producer_refuses_what_the_worker_would_dead_letter() -> None:
@@ -234,3 +238,38 @@ async def test_the_worker_dead_letters_an_oversized_element(
 
 async def _llen(redis: Redis, key: str, n: int) -> bool:
     return int(await redis.llen(key)) >= n
+
+
+async def test_a_worker_with_redis_unreachable_still_stops_on_request(standin: StandIn) -> None:
+    settings = fast_settings(f"redis://127.0.0.1:{free_port()}/0", standin)
+    started = time.monotonic()
+    async with running_worker(settings) as worker:
+        await asyncio.sleep(0.5)
+        assert not worker.stopping
+    assert time.monotonic() - started < 5
+
+
+async def test_redis_lost_during_a_stop_bounds_the_stop_and_loses_nothing(
+    durable_redis: RedisServer, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own_redis = durable_redis
+    monkeypatch.setattr("forwarder.worker.GIVE_UP_SECONDS", 1.0)
+    await enqueue(own_redis.url, [f"slow3000-{i}" for i in range(3)])
+    settings = fast_settings(own_redis.url, standin, shutdown_grace=0.2)
+    started = time.monotonic()
+    async with running_worker(settings):
+        await wait_until(lambda: _in_flight(own_redis.url, 3), 5, "3 in flight")
+        own_redis.kill()
+    assert time.monotonic() - started < 10
+    own_redis.start()
+    # What the stopped worker held is still in its in-flight record, for others to return.
+    assert await _in_flight(own_redis.url, 3)
+
+
+async def _in_flight(url: str, n: int) -> bool:
+    client = Redis.from_url(url)
+    try:
+        keys = await client.keys(KEYS.inflight_prefix + "*")
+        return sum([int(await client.hlen(k)) for k in keys]) == n
+    finally:
+        await client.aclose()
