@@ -200,7 +200,7 @@ async def test_redis_restart_during_a_load_loses_nothing(durable_redis: RedisSer
             server.start()
             await api.wait_for(lambda a: {r.visitor_id for r in a.delivered} >= set(visitors), 40)
             # Copies re-sent after the restart (at least once) are drained too.
-            await wait_until(lambda: _in_flight(server.url, 0), 10, "nothing in flight")
+            await wait_until(lambda: _drained(server.url), 10, "an empty queue")
     client = Redis.from_url(server.url)
     try:
         assert await client.llen(KEYS.dead) == 0
@@ -264,6 +264,14 @@ async def test_redis_lost_during_a_stop_bounds_the_stop_and_loses_nothing(
     own_redis.start()
     # What the stopped worker held is still in its in-flight record, for others to return.
     assert await _in_flight(own_redis.url, 3)
+
+
+async def _drained(url: str) -> bool:
+    client = Redis.from_url(url)
+    try:
+        return int(await client.llen(KEYS.queue)) == 0 and await _in_flight(url, 0)
+    finally:
+        await client.aclose()
 
 
 async def _in_flight(url: str, n: int) -> bool:
