@@ -6,13 +6,16 @@ import asyncio
 import random
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from redis.asyncio import Redis
 
+from forwarder.embedded import free_port
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
 from tests.support import (
@@ -103,25 +106,55 @@ async def test_sigterm_finishes_in_flight_returns_the_rest_and_exits_0(
     assert events[-1] == "worker_stopped"
 
 
-async def test_logs_carry_no_payload(
+async def test_no_output_carries_payload_or_password(
     redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
 ) -> None:
-    await enqueue(redis_url, ["ok-1", "bad-1", "flaky1-1", "down-1"])
+    """Every outcome with personal data in the payloads: logs, metrics, stats, dlq
+    listings and error messages never show it, nor a Redis password."""
+    await enqueue(redis_url, ["ok-1", "bad-1", "flaky1-1", "down-1", "slow3000-1"])
     await redis_client.lpush(KEYS.queue, b'{"oops": "' + PII.encode() + b'"}')
     log = tmp_path / "worker.log"
-    proc = worker_process(redis_url, standin, log)
+    port = free_port()
+    proc = worker_process(
+        redis_url, standin, log, FORWARDER_METRICS_PORT=str(port), FORWARDER_REQUEST_TIMEOUT="1"
+    )
     try:
-        await wait_until(lambda: _dead_is(redis_client, 3), 10, "3 dead letters")
+        await wait_until(lambda: _dead_is(redis_client, 4), 15, "4 dead letters")
+        async with aiohttp.ClientSession() as http:
+            metrics = await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc, 10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text()
-    assert "dead_lettered" in text
-    assert "delivered" in text
-    assert PII not in text
-    assert "Sarah" not in text
+    outputs = {"worker log": log.read_text(), "metrics": metrics}
+    for command in (
+        ["stats", "--json"],
+        ["dlq", "stats"],
+        ["dlq", "list"],
+        ["dlq", "list", "--json"],
+    ):
+        done = await asyncio.to_thread(_forwarder, *command, "--redis-url", redis_url)
+        outputs[" ".join(command)] = done.stdout + done.stderr
+    secret_url = redis_url.replace("redis://", "redis://:s3cret-pw@")
+    refused = await asyncio.to_thread(_forwarder, "stats", "--redis-url", secret_url)
+    outputs["auth error"] = refused.stdout + refused.stderr
+    assert "delivered" in outputs["worker log"]
+    assert "dead_lettered" in outputs["worker log"]
+    assert "forwarder_outcomes_total" in metrics
+    for where, text in outputs.items():
+        for secret in (PII, "Sarah", "s3cret-pw"):
+            assert secret not in text, f"{secret!r} in {where}"
+
+
+def _forwarder(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 async def _drained(redis: Redis) -> bool:
