@@ -6,12 +6,12 @@ from typing import Any
 
 import orjson
 
-from forwarder.demo import DOCS_EXAMPLE_BODY as EXAMPLE_BODY
+from forwarder.demo import DOCS_EXAMPLE_BODY
 
 ACCOUNT = "12345678"
 
 
-BODY_BYTES = orjson.dumps(EXAMPLE_BODY)
+BODY_BYTES = orjson.dumps(DOCS_EXAMPLE_BODY)
 
 
 def visitor(i: int, prefix: str = "v") -> str:
@@ -36,5 +36,5 @@ def update(i: int, prefix: str = "v", body: dict[str, Any] | None = None) -> dic
         "accountId": ACCOUNT,
         "visitorId": visitor(i, prefix),
         "sessionId": session(i),
-        "body": dict(body if body is not None else EXAMPLE_BODY),
+        "body": dict(body if body is not None else DOCS_EXAMPLE_BODY),
     }

@@ -30,8 +30,9 @@ import orjson
 import redis
 
 from bench import procs
-from bench.common import ACCOUNT, EXAMPLE_BODY, update
+from bench.common import ACCOUNT, update
 from bench.procs import Child, Children, wait_for
+from forwarder.demo import DOCS_EXAMPLE_BODY
 from forwarder.embedded import RedisServer
 from forwarder.producer import SyncProducer, encode_many
 
@@ -615,7 +616,7 @@ def mode_latency(env: Env) -> dict[str, Any]:
         for i in _paced(args.latency_rate, count):
             stamp = time.time()
             vid = f"lat-{i}"
-            body = {**EXAMPLE_BODY, "pageId": f"{stamp:.6f}"}
+            body = {**DOCS_EXAMPLE_BODY, "pageId": f"{stamp:.6f}"}
             producer.enqueue(ACCOUNT, vid, f"s{i}", body)
             stamps[vid] = stamp
         achieved = count / (time.perf_counter() - start)

@@ -20,7 +20,8 @@ from urllib.parse import quote
 import orjson
 from yarl import URL
 
-from bench.common import ACCOUNT, EXAMPLE_BODY, update
+from bench.common import ACCOUNT, update
+from forwarder.demo import DOCS_EXAMPLE_BODY
 
 
 def _best_us(fn: Callable[[], object], number: int) -> float:
@@ -71,7 +72,7 @@ def steps() -> dict[str, Callable[[], object]]:
     out["producer: SessionUpdate.model_validate(update)"] = lambda: (
         model.SessionUpdate.model_validate(one)
     )
-    body = EXAMPLE_BODY
+    body = DOCS_EXAMPLE_BODY
     out["producer: make_update(...)"] = lambda: producer.make_update(ACCOUNT, "v", "s", body)
     return out
 
