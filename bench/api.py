@@ -127,6 +127,27 @@ class State:
         return 404, b"{}"
 
 
+def take_request(buf: bytearray) -> tuple[str, str] | None:
+    """Cut one whole HTTP/1.1 request off ``buf``: its method and target, or None if
+    the request is not complete yet (the body is skipped, by Content-Length)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buf[:end])
+    length = 0
+    at = head.lower().find(b"\r\ncontent-length:")
+    if at >= 0:
+        stop = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17 : stop if stop >= 0 else len(head)])
+    total = end + 4 + length
+    if len(buf) < total:
+        return None
+    del buf[:total]
+    line = head[: head.find(b"\r\n")] if b"\r\n" in head else head
+    method, target, _ = line.decode("latin-1").split(" ", 2)
+    return method, target
+
+
 class _RawConnection(asyncio.Protocol):
     """One keep-alive connection: requests in, one response each, in order."""
 
@@ -140,25 +161,10 @@ class _RawConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        self.buf += data
         # Bounded by the bytes received: every pass consumes one whole request.
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(buf[:end])
-            length = 0
-            at = head.lower().find(b"\r\ncontent-length:")
-            if at >= 0:
-                stop = head.find(b"\r\n", at + 2)
-                length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-            total = end + 4 + length
-            if len(buf) < total:
-                return
-            del buf[:total]
-            line = head[: head.find(b"\r\n")] if b"\r\n" in head else head
-            method, target, _ = line.decode("latin-1").split(" ", 2)
+        while (request := take_request(self.buf)) is not None:
+            method, target = request
             assert self.transport is not None
             if target.startswith("/_bench/"):
                 status, body = self.state.control(method, target)

@@ -43,7 +43,7 @@ import redis.asyncio.retry
 from redis.backoff import NoBackoff
 
 from bench import procs
-from bench.api import _UNAVAILABLE, _http
+from bench.api import _UNAVAILABLE, _http, take_request
 from bench.common import ACCOUNT
 from bench.harness import (
     DEAD_KEY,
@@ -139,23 +139,10 @@ class _FaultyConnection(asyncio.Protocol):
     def _serve(self) -> None:
         # Bounded by the bytes received: every pass consumes one whole request.
         while not self.waiting and not self.closed:
-            buf = self.buf
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            request = take_request(self.buf)
+            if request is None:
                 return
-            head = bytes(buf[:end])
-            length = 0
-            at = head.lower().find(b"\r\ncontent-length:")
-            if at >= 0:
-                stop = head.find(b"\r\n", at + 2)
-                length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-            total = end + 4 + length
-            if len(buf) < total:
-                return
-            del buf[:total]
-            line = head[: head.find(b"\r\n")] if b"\r\n" in head else head
-            _, target, _ = line.decode("latin-1").split(" ", 2)
-            self._answer(target)
+            self._answer(request[1])
 
     def _answer(self, target: str) -> None:
         transport = self.transport
