@@ -16,7 +16,7 @@ sentinels that require their own get ``FORWARDER_REDIS_SENTINEL_PASSWORD``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -138,83 +138,6 @@ def _common(password: str | None) -> dict[str, Any]:
     return options
 
 
-def async_client(
-    url: str,
-    *,
-    cluster: bool = False,
-    password: str | None = None,
-    sentinel_password: str | None = None,
-) -> AsyncRedis:
-    """An asyncio client (bytes replies) for a URL of any form the module docstring lists."""
-    if urlsplit(url).scheme in SENTINEL_SCHEMES:
-        target = parse_sentinel_url(url)
-        options = _common(password or target.password)
-        # redis-py leaves Sentinel untyped.
-        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels),
-            sentinel_kwargs=_sentinel_options(target, sentinel_password),
-            ssl=target.ssl,
-            **options,
-        )
-        master: _AsyncSentinelRedis = sentinel.master_for(
-            target.service,
-            redis_class=_AsyncSentinelRedis,
-            db=target.db,
-            username=target.username,
-        )
-        master.sentinels = sentinel
-        return master
-    options = _common(password)
-    if cluster:
-        return redis.asyncio.RedisCluster.from_url(url, **options)
-    return redis.asyncio.Redis.from_url(url, **options)
-
-
-def sync_client(
-    url: str,
-    *,
-    cluster: bool = False,
-    password: str | None = None,
-    sentinel_password: str | None = None,
-) -> SyncRedis:
-    """The blocking twin of :func:`async_client`, for producers without an event loop."""
-    if urlsplit(url).scheme in SENTINEL_SCHEMES:
-        target = parse_sentinel_url(url)
-        options = _common(password or target.password)
-        # redis-py leaves Sentinel untyped.
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels),
-            sentinel_kwargs=_sentinel_options(target, sentinel_password),
-            ssl=target.ssl,
-            **options,
-        )
-        master: _SyncSentinelRedis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service,
-            redis_class=_SyncSentinelRedis,
-            db=target.db,
-            username=target.username,
-        )
-        master.sentinels = sentinel
-        return master
-    options = _common(password)
-    if cluster:
-        return redis.RedisCluster.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
-
-
-def _sentinel_options(target: SentinelTarget, password: str | None) -> dict[str, Any]:
-    # Sentinels get their own options: given any, redis-py stops copying the socket
-    # timeouts from the master's, and the data nodes' password is not theirs.
-    options: dict[str, Any] = {
-        "socket_timeout": CONNECT_TIMEOUT,
-        "socket_connect_timeout": CONNECT_TIMEOUT,
-        "ssl": target.ssl,
-    }
-    if password is not None:
-        options["password"] = password
-    return options
-
-
 class _AsyncSentinelRedis(redis.asyncio.Redis):
     """A master client that also closes its connections to the sentinels."""
 
@@ -235,6 +158,87 @@ class _SyncSentinelRedis(redis.Redis):
         super().close()
         if self.sentinels is not None:
             self.sentinels.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """The redis-py classes of one flavour (asyncio or blocking); both build alike."""
+
+    sentinel: Any
+    sentinel_redis: Any
+    cluster: Any
+    plain: Any
+
+
+_ASYNC = _Family(
+    redis.asyncio.sentinel.Sentinel,
+    _AsyncSentinelRedis,
+    redis.asyncio.RedisCluster,
+    redis.asyncio.Redis,
+)
+_SYNC = _Family(redis.sentinel.Sentinel, _SyncSentinelRedis, redis.RedisCluster, redis.Redis)
+
+
+def _client(
+    family: _Family,
+    url: str,
+    cluster: bool,
+    password: str | None,
+    sentinel_password: str | None,
+) -> Any:
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        target = parse_sentinel_url(url)
+        sentinel = family.sentinel(
+            list(target.sentinels),
+            sentinel_kwargs=_sentinel_options(target, sentinel_password),
+            ssl=target.ssl,
+            **_common(password or target.password),
+        )
+        master = sentinel.master_for(
+            target.service,
+            redis_class=family.sentinel_redis,
+            db=target.db,
+            username=target.username,
+        )
+        master.sentinels = sentinel
+        return master
+    factory = family.cluster if cluster else family.plain
+    return factory.from_url(url, **_common(password))
+
+
+def async_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> AsyncRedis:
+    """An asyncio client (bytes replies) for a URL of any form the module docstring lists."""
+    return cast(AsyncRedis, _client(_ASYNC, url, cluster, password, sentinel_password))
+
+
+def sync_client(
+    url: str,
+    *,
+    cluster: bool = False,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> SyncRedis:
+    """The blocking twin of :func:`async_client`, for producers without an event loop."""
+    return cast(SyncRedis, _client(_SYNC, url, cluster, password, sentinel_password))
+
+
+def _sentinel_options(target: SentinelTarget, password: str | None) -> dict[str, Any]:
+    # Sentinels get their own options: given any, redis-py stops copying the socket
+    # timeouts from the master's, and the data nodes' password is not theirs.
+    options: dict[str, Any] = {
+        "socket_timeout": CONNECT_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "ssl": target.ssl,
+    }
+    if password is not None:
+        options["password"] = password
+    return options
 
 
 def _secret(value: SecretStr | None) -> str | None:
