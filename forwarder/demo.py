@@ -30,7 +30,7 @@ from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
-from forwarder.worker import Worker, serve
+from forwarder.worker import running
 
 DATA_DIR = Path(".forwarder-demo")
 # Short delays so the demo ends in seconds; the real default is 5,10,15.
@@ -230,30 +230,26 @@ async def _enqueue(settings: Settings, updates: list[dict[str, Any]]) -> int:
 
 async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
     """Run a worker until every message is delivered or dead; False on Ctrl-C."""
-    worker_ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, on_ready=worker_ready.set_result))
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
-    worker = await worker_ready
     redis = redis_client(settings)
     keys = Keys(settings.queue)
     shown: dict[str, int] = {}
     try:
-        while not interrupted.is_set():
-            counts = await _counts(redis, keys, api)
-            if counts != shown:
-                _show(counts)
-                shown = counts
-            if counts["delivered"] + counts["dead"] >= enqueued:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(interrupted.wait(), 0.25)
+        async with running(settings):
+            while not interrupted.is_set():
+                counts = await _counts(redis, keys, api)
+                if counts != shown:
+                    _show(counts)
+                    shown = counts
+                if counts["delivered"] + counts["dead"] >= enqueued:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), 0.25)
+            print(file=sys.stdout)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
-        print(file=sys.stdout)
-        worker.stop()
-        await task
         await redis.aclose()
     return not interrupted.is_set()
 

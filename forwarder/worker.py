@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import aiohttp
@@ -378,6 +378,24 @@ def build_client(settings: Settings, session: aiohttp.ClientSession) -> Engageme
         domains=domains,
         scheme=settings.api_scheme,
     )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker serving in this event loop for the block; stopped and awaited at its end."""
+    ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, on_ready=ready.set_result))
+    waiters: list[asyncio.Future[Any]] = [ready, task]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        task.result()  # serve() failed before the worker existed: raise its error
+        raise RuntimeError("the worker ended before it started")
+    worker = ready.result()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await task
 
 
 async def serve(settings: Settings, *, on_ready: Callable[[Worker], Any] | None = None) -> None:

@@ -1,21 +1,19 @@
-"""Helpers shared by the tests: a worker running in this event loop, and polling waits."""
+"""Helpers shared by the tests: fast settings, worker processes, enqueueing, polling waits."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from forwarder.producer import Producer, make_update
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
-from forwarder.worker import Worker, serve
 
 
 def fast_settings(redis_url: str, api: StandIn, **overrides: Any) -> Settings:
@@ -34,29 +32,6 @@ def fast_settings(redis_url: str, api: StandIn, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """A worker in this event loop; stopped (and awaited) when the block ends."""
-    ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, on_ready=ready.set_result))
-    waiters: list[asyncio.Future[Any]] = [ready, task]
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # serve() failed before the worker existed: raise its error
-    worker = ready.result()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        done, _ = await asyncio.wait([task], timeout=30)
-        if not done:
-            import sys as _s
-
-            for t in asyncio.all_tasks():
-                t.print_stack(file=_s.stderr)
-        await asyncio.wait_for(task, 1)
 
 
 async def wait_until(

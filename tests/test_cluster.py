@@ -25,7 +25,8 @@ from forwarder.embedded import RedisServer, ServerNotFound, find_server_binary, 
 from forwarder.producer import Producer, SyncProducer, make_update
 from forwarder.queue import Keys, Queue
 from forwarder.standin import StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import fast_settings, wait_until
 
 BODY: dict[str, Any] = {"pageId": "p1", "engagementAttributes": [{"type": "searchInfo"}]}
 
@@ -169,7 +170,7 @@ async def test_delivered_dead_lettered_and_retried_on_a_cluster(
     finally:
         await producer.aclose()
     settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True)
-    async with running_worker(settings):
+    async with running(settings):
         await standin.wait_for(lambda api: len(api.delivered) == 3, 10)
         await wait_until(lambda: _dead_is(fresh_cluster, keys, 1), 5, "a dead letter")
     delivered = sorted(r.visitor_id for r in standin.delivered)
@@ -220,7 +221,7 @@ async def test_queues_spread_over_the_masters_each_drained_on_its_own_node(
     async with contextlib.AsyncExitStack() as workers:
         for name in names:
             settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True, queue=name)
-            await workers.enter_async_context(running_worker(settings))
+            await workers.enter_async_context(running(settings))
         await standin.wait_for(lambda api: len(api.delivered) == 60, 15)
     expected = sorted(f"ok-{name}-{i}" for name in names for i in range(20))
     assert sorted(r.visitor_id for r in standin.delivered) == expected
@@ -245,7 +246,7 @@ async def test_a_dead_workers_messages_are_given_back_by_the_heartbeat_script(
             assert await owner.hlen(keys.inflight("crashed-worker")) == 5
         finally:
             await owner.aclose()
-        async with running_worker(fast_settings(fresh_cluster.url, standin, redis_cluster=True)):
+        async with running(fast_settings(fresh_cluster.url, standin, redis_cluster=True)):
             await standin.wait_for(lambda api: len(api.delivered) == 5, 10)
     finally:
         await client.aclose()
@@ -279,7 +280,7 @@ async def test_session_ordering_keeps_its_turns_on_the_queues_node(
     finally:
         await producer.aclose()
     settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True, ordering="session")
-    async with running_worker(settings):
+    async with running(settings):
         await standin.wait_for(lambda api: len(api.delivered) == 5, 15)
     assert [r.body["pageId"] for r in standin.delivered] == pages
     assert len(standin.requests) == 10  # each page: one 503, then the 200

@@ -18,7 +18,8 @@ from forwarder.embedded import RedisServer, free_port
 from forwarder.producer import InvalidUpdate, encode, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Override, Received, StandIn
-from tests.support import enqueue_visitors, fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import enqueue_visitors, fast_settings, wait_until
 
 KEYS = Keys("forwarder")
 BODY: dict[str, Any] = {"pageId": "p", "engagementAttributes": [{"type": "searchInfo"}]}
@@ -109,7 +110,7 @@ async def test_a_40_second_outage_dead_letters_nothing_and_costs_few_requests(
     settings = fast_settings(
         redis_url, standin, retry_delays=(5.0, 10.0, 15.0), concurrency=64, request_timeout=10
     )
-    async with running_worker(settings):
+    async with running(settings):
         await asyncio.sleep(15)
         await enqueue(redis_url, [f"ok-b{i}" for i in range(1000)])
         await standin.wait_for(lambda api: len(api.delivered) >= 2000, 70)
@@ -144,7 +145,7 @@ async def test_429_waits_for_retry_after_without_spending_attempts(
 ) -> None:
     standin.override = throttle_once("1")
     await enqueue(redis_url, ["ok-t"])
-    async with running_worker(fast_settings(redis_url, standin, retry_delays=())):
+    async with running(fast_settings(redis_url, standin, retry_delays=())):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
     first, second = standin.requests
     assert (first.status, second.status) == (429, 200)
@@ -155,7 +156,7 @@ async def test_429_waits_for_retry_after_without_spending_attempts(
 async def test_retry_after_is_capped(redis_url: str, standin: StandIn) -> None:
     standin.override = throttle_once("3600")
     await enqueue(redis_url, ["ok-t"])
-    async with running_worker(fast_settings(redis_url, standin, max_retry_after=0.5)):
+    async with running(fast_settings(redis_url, standin, max_retry_after=0.5)):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
     first, second = standin.requests
     assert second.at - first.at < 2.0
@@ -167,7 +168,7 @@ async def test_an_unreachable_host_is_a_connect_failure_retried_on_schedule(
     await enqueue(redis_url, ["ok-1"])
     closed = f"http://127.0.0.1:{free_port()}"
     settings = fast_settings(redis_url, standin, api_base_url=closed, retry_delays=(0.1,))
-    async with running_worker(settings):
+    async with running(settings):
         await wait_until(lambda: _llen(redis_client, KEYS.dead, 1), 10, "a dead letter")
     [record] = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
     assert (record["reason"], record["lastError"], record["attempts"]) == (
@@ -193,7 +194,7 @@ async def test_redis_restart_during_a_load_loses_nothing(durable_redis: RedisSer
     visitors = [f"slow20-{i}" for i in range(400)]
     async with StandIn() as api:
         await enqueue(server.url, visitors)
-        async with running_worker(fast_settings(server.url, api, concurrency=16)):
+        async with running(fast_settings(server.url, api, concurrency=16)):
             await api.wait_for(lambda a: len(a.delivered) >= 100, 20)
             server.kill()
             await asyncio.sleep(1.0)
@@ -227,7 +228,7 @@ async def test_the_worker_dead_letters_an_oversized_element(
 ) -> None:
     raw = orjson.dumps(make_update("123", "ok-big", "s", {"pageId": "p", "n": "x" * 5000}))
     await redis_client.lpush(KEYS.queue, raw)
-    async with running_worker(fast_settings(redis_url, standin, max_message_bytes=4096)):
+    async with running(fast_settings(redis_url, standin, max_message_bytes=4096)):
         await wait_until(lambda: _llen(redis_client, KEYS.dead, 1), 5, "a dead letter")
     [record] = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
     assert record["reason"] == "invalid_message"
@@ -243,7 +244,7 @@ async def _llen(redis: Redis, key: str, n: int) -> bool:
 async def test_a_worker_with_redis_unreachable_still_stops_on_request(standin: StandIn) -> None:
     settings = fast_settings(f"redis://127.0.0.1:{free_port()}/0", standin)
     started = time.monotonic()
-    async with running_worker(settings) as worker:
+    async with running(settings) as worker:
         await asyncio.sleep(0.5)
         assert not worker.stopping
     assert time.monotonic() - started < 5
@@ -257,7 +258,7 @@ async def test_redis_lost_during_a_stop_bounds_the_stop_and_loses_nothing(
     await enqueue(own_redis.url, [f"slow3000-{i}" for i in range(3)])
     settings = fast_settings(own_redis.url, standin, shutdown_grace=0.2)
     started = time.monotonic()
-    async with running_worker(settings):
+    async with running(settings):
         await wait_until(lambda: _in_flight(own_redis.url, 3), 5, "3 in flight")
         own_redis.kill()
     assert time.monotonic() - started < 10

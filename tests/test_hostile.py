@@ -14,7 +14,8 @@ from forwarder.model import InvalidMessage, decode
 from forwarder.producer import InvalidUpdate, encode, make_update
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import fast_settings, wait_until
 
 KEYS = Keys("forwarder")
 CAP = 256 * 1024
@@ -129,7 +130,7 @@ async def test_the_worker_dead_letters_every_hostile_element_and_keeps_going(
 ) -> None:
     good = orjson.dumps(make_update("123", "ok-last", "s", {"pageId": "p"}))
     await redis_client.lpush(KEYS.queue, *HOSTILE, good)
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
         await wait_until(lambda: _dead_is(redis_client, len(HOSTILE)), 10, "all dead letters")
     records = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
@@ -146,7 +147,7 @@ async def test_path_parts_cannot_reach_another_path(redis_url: str, standin: Sta
     redis = Redis.from_url(redis_url)
     await redis.lpush(KEYS.queue, good)
     await redis.aclose()
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
     [received] = standin.requests
     assert (received.account_id, received.visitor_id, received.session_id) == (

@@ -22,7 +22,8 @@ from forwarder.outcome import Outcome
 from forwarder.queue import Keys, Queue, Settlement
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
-from tests.support import enqueue_visitors, fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import enqueue_visitors, fast_settings, wait_until
 
 KEYS = Keys("forwarder")
 BODY = {"pageId": "p1"}
@@ -80,7 +81,7 @@ async def test_counters_match_what_the_api_saw(
     settings = fast_settings(
         redis_url, standin, **listened(port, retry_delays=(0.1, 0.1), breaker_min_calls=10_000)
     )
-    async with running_worker(settings):
+    async with running(settings):
 
         async def settled() -> bool:
             done = len(standin.delivered) == 12 and await redis_client.llen(KEYS.dead) == 5
@@ -146,7 +147,7 @@ async def test_domain_lookup_failures_are_counted(redis_url: str) -> None:
             **listened(port, api_base_url=None, domain_api_url=api.base_url, api_scheme="http"),
             retry_delays=(0.1,),
         )
-        async with running_worker(settings):
+        async with running(settings):
 
             async def dead() -> bool:
                 samples = await scrape(port)
@@ -166,7 +167,7 @@ async def test_dead_letters_dropped_by_the_cap_are_counted_and_named(
     port = free_port()
     settings = fast_settings(redis_url, standin, **listened(port, dead_max_len=2))
     with structlog.testing.capture_logs() as logs:
-        async with running_worker(settings):
+        async with running(settings):
             await wait_until(lambda: _llen_is(redis_client, KEYS.dead, 2), 5, "the cap")
             samples = await scrape(port)
     assert value(samples, "forwarder_dead_letters_dropped_total", cap="max_len") == 3
@@ -177,7 +178,7 @@ async def test_dead_letters_dropped_by_the_cap_are_counted_and_named(
 
 async def test_readyz_follows_redis_down_and_back(own_redis: RedisServer, standin: StandIn) -> None:
     port = free_port()
-    async with running_worker(fast_settings(own_redis.url, standin, **listened(port))):
+    async with running(fast_settings(own_redis.url, standin, **listened(port))):
         assert (await get(port, "/readyz"))[0] == 200
         await asyncio.to_thread(own_redis.kill)
         await wait_until(lambda: _status_is(port, "/readyz", 503), 5, "503 while Redis is down")
@@ -195,7 +196,7 @@ async def test_readyz_is_503_once_the_worker_is_stopping(
     await enqueue(redis_url, ["slow1500-x"])
     port = free_port()
     settings = fast_settings(redis_url, standin, **listened(port, shutdown_grace=5))
-    async with running_worker(settings) as worker:
+    async with running(settings) as worker:
         await wait_until(lambda: _llen_is(redis_client, KEYS.queue, 0), 5, "the claim")
         worker.stop()
         status, body = await get(port, "/readyz")
@@ -230,7 +231,7 @@ async def test_a_taken_port_is_logged_and_the_worker_still_delivers(
         port = squatter.getsockname()[1]
         await enqueue(redis_url, ["ok-1"])
         with structlog.testing.capture_logs() as logs:
-            async with running_worker(fast_settings(redis_url, standin, **listened(port))):
+            async with running(fast_settings(redis_url, standin, **listened(port))):
                 await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
     [failed] = [e for e in logs if e["event"] == "metrics_listen_failed"]
     assert failed["port"] == port

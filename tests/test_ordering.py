@@ -17,7 +17,8 @@ from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.settings import Settings
 from forwarder.standin import Received, StandIn
-from tests.support import fast_settings, running_worker, worker_process
+from forwarder.worker import running
+from tests.support import fast_settings, worker_process
 
 KEYS = Keys("forwarder")
 
@@ -85,7 +86,7 @@ def ordered(redis_url: str, api: StandIn, **overrides: Any) -> Settings:
 async def workers(settings: Settings, count: int) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         for _ in range(count):
-            await stack.enter_async_context(running_worker(settings))
+            await stack.enter_async_context(running(settings))
         yield
 
 
@@ -109,7 +110,7 @@ async def test_a_session_waits_for_its_retrying_update_others_do_not(
     standin.override = first_fails
     await enqueue(redis_url, [seq_update(0, i) for i in range(3)])
     await enqueue(redis_url, [seq_update(s, i) for i in range(3) for s in (1, 2)])
-    async with running_worker(ordered(redis_url, standin, retry_delays=(1.5,))):
+    async with running(ordered(redis_url, standin, retry_delays=(1.5,))):
         await standin.wait_for(lambda api: len(api.delivered) == 9, 10)
     s0 = [r for r in standin.requests if r.session_id == "s0"]
     others = [r for r in standin.requests if r.session_id != "s0"]
@@ -133,7 +134,7 @@ async def test_a_dead_letter_releases_its_session(
 
     standin.override = reject_first
     await enqueue(redis_url, [seq_update(0, i) for i in range(4)])
-    async with running_worker(ordered(redis_url, standin)):
+    async with running(ordered(redis_url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 3, 10)
     assert [r.body["pageId"] for r in standin.requests] == ["0", "1", "2", "3"]
     assert await redis_client.llen(KEYS.dead) == 1
@@ -153,7 +154,7 @@ async def test_without_ordering_a_retry_lets_later_updates_pass(
 
     standin.override = first_fails
     await enqueue(redis_url, [seq_update(0, i) for i in range(3)])
-    async with running_worker(fast_settings(redis_url, standin, retry_delays=(0.3,))):
+    async with running(fast_settings(redis_url, standin, retry_delays=(0.3,))):
         await standin.wait_for(lambda api: len(api.delivered) == 3, 10)
     assert [r.body["pageId"] for r in standin.delivered] == ["1", "2", "0"]
 

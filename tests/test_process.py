@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 from forwarder.embedded import free_port
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
+from forwarder.worker import running
 from tests.support import (
     enqueue_visitors,
     fast_settings,
-    running_worker,
     wait_until,
     worker_process,
 )
@@ -67,7 +67,7 @@ async def test_sigkill_with_messages_in_flight_loses_none(
         victim.kill()
         victim.wait()
     assert await in_flight(redis_client) > 0 or await redis_client.llen(KEYS.queue) > 0
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await standin.wait_for(
             lambda api: {r.visitor_id for r in api.delivered} >= set(visitors), 20
         )

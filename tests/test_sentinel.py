@@ -29,7 +29,8 @@ from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import fast_settings, wait_until
 
 PASSWORD = "data-secret"
 SENTINEL_PASSWORD = "sentinel-secret"
@@ -230,7 +231,7 @@ async def test_delivered_dead_lettered_and_retried_through_sentinel(
     group: SentinelGroup, standin: StandIn
 ) -> None:
     ids = await _enqueue(group, ["ok-1", "ok-2", "bad-1", "flaky1-1"])
-    async with running_worker(_settings(group, standin)):
+    async with running(_settings(group, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 3, 10)
         master = await _master(group)
         try:
@@ -264,7 +265,7 @@ async def test_workers_follow_a_failover_and_every_message_arrives(
     settings = _settings(group, standin, concurrency=8)
     async with contextlib.AsyncExitStack() as workers:
         for _ in range(2):
-            await workers.enter_async_context(running_worker(settings))
+            await workers.enter_async_context(running(settings))
         await standin.wait_for(lambda api: len(api.delivered) >= count // 5, 15)
         group.master.kill()
         killed_at = time.monotonic()

@@ -16,7 +16,8 @@ from forwarder.embedded import RedisServer, free_port
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import fast_settings, wait_until
 
 KEYS = Keys("forwarder")
 
@@ -56,7 +57,7 @@ async def test_a_worker_speaks_tls_to_redis_with_a_trusted_ca(
         await producer.enqueue("123", "ok-tls", "s", {"pageId": "p"})
     finally:
         await producer.aclose()
-    async with running_worker(fast_settings(url, standin)):
+    async with running(fast_settings(url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
 
 
@@ -103,7 +104,7 @@ async def test_the_api_certificate_is_verified(
     finally:
         await producer.aclose()
     settings = fast_settings(redis_url, standin, api_base_url=base, retry_delays=())
-    async with running_worker(settings):
+    async with running(settings):
         await wait_until(lambda: _dead(redis_client), 10, "a dead letter")
     [record] = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
     assert (record["reason"], record["lastError"]) == ("retries_exhausted", "connect")

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Received, StandIn
-from tests.support import fast_settings, running_worker, wait_until
+from forwarder.worker import running
+from tests.support import fast_settings, wait_until
 
 KEYS = Keys("forwarder")
 BODY: dict[str, Any] = {
@@ -55,7 +56,7 @@ async def test_delivers_each_update_once_with_the_documented_request(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     ids = await enqueue(redis_url, *(update(f"ok-{i}", f"sess {i}") for i in range(20)))
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 20, 10)
     assert len(set(ids)) == 20
     first = arrivals(standin, "ok-0")[0]
@@ -71,7 +72,7 @@ async def test_takes_the_oldest_first(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     await enqueue(redis_url, *(update(f"ok-{i}") for i in range(30)))
-    async with running_worker(fast_settings(redis_url, standin, concurrency=1)):
+    async with running(fast_settings(redis_url, standin, concurrency=1)):
         await standin.wait_for(lambda api: len(api.delivered) == 30, 10)
     assert [r.visitor_id for r in standin.delivered] == [f"ok-{i}" for i in range(30)]
 
@@ -82,7 +83,7 @@ async def test_client_error_is_dead_lettered_at_once_with_the_error_entity(
 ) -> None:
     sent = update(visitor)
     [message_id] = await enqueue(redis_url, sent)
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
     [record] = await dead_records(redis_client)
     assert len(arrivals(standin, visitor)) == 1
@@ -102,7 +103,7 @@ async def test_server_error_is_retried_on_schedule_then_delivered(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     await enqueue(redis_url, update("flaky2-a"))
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
     times = [r.at for r in arrivals(standin, "flaky2-a")]
     assert [r.status for r in arrivals(standin, "flaky2-a")] == [503, 503, 200]
@@ -117,7 +118,7 @@ async def test_retries_exhausted_after_the_last_delay(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     [message_id] = await enqueue(redis_url, update("down-1"))
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
     times = [r.at for r in arrivals(standin, "down-1")]
     assert len(times) == 4
@@ -139,7 +140,7 @@ async def test_timeouts_and_dropped_connections_are_retried(
 ) -> None:
     await enqueue(redis_url, update(visitor))
     settings = fast_settings(redis_url, standin, request_timeout=0.3, retry_delays=(0.1,))
-    async with running_worker(settings):
+    async with running(settings):
         await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
     [record] = await dead_records(redis_client)
     assert (record["reason"], record["status"], record["attempts"]) == (
@@ -157,7 +158,7 @@ async def test_waiting_retries_are_kept_in_the_delayed_set(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     [message_id] = await enqueue(redis_url, update("down-1"))
-    async with running_worker(fast_settings(redis_url, standin, retry_delays=(30.0,))):
+    async with running(fast_settings(redis_url, standin, retry_delays=(30.0,))):
         await wait_until(lambda: _zcard(redis_client, 1), 5, "a delayed retry")
         waiting_list = await redis_client.zrange(KEYS.delayed, 0, -1, withscores=True)
         [(raw, due)] = cast(list[tuple[bytes, float]], waiting_list)
@@ -190,7 +191,7 @@ async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
     await enqueue(redis_url, update("ok-before"))
     await redis_client.lpush(KEYS.queue, element)
     await enqueue(redis_url, update("ok-after"))
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
         await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
     [record] = await dead_records(redis_client)
@@ -207,7 +208,7 @@ async def test_a_message_without_id_gets_one(
 ) -> None:
     raw = orjson.dumps(update("bad-raw"))  # as a plain LPUSH from another language
     await redis_client.lpush(KEYS.queue, raw)
-    async with running_worker(fast_settings(redis_url, standin)):
+    async with running(fast_settings(redis_url, standin)):
         await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
     [record] = await dead_records(redis_client)
     assert len(record["id"]) >= 16
@@ -221,7 +222,7 @@ async def test_domain_is_looked_up_once_per_account_and_cached(
     settings = fast_settings(
         redis_url, standin, api_base_url=None, domain_api_url=standin.base_url, api_scheme="http"
     )
-    async with running_worker(settings):
+    async with running(settings):
         await standin.wait_for(lambda api: len(api.delivered) == 10, 10)
     assert len(standin.domain_requests) == 1
 
@@ -239,7 +240,7 @@ async def test_failed_domain_lookup_counts_like_a_server_error(
             api_scheme="http",
             retry_delays=(0.1, 0.1),
         )
-        async with running_worker(settings):
+        async with running(settings):
             await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
         assert api.requests == []
     [record] = await dead_records(redis_client)
@@ -255,7 +256,7 @@ async def test_clean_stop_returns_unfinished_messages_and_leaves_no_keys(
 ) -> None:
     ids = await enqueue(redis_url, *(update(f"slow5000-{i}") for i in range(5)))
     settings = fast_settings(redis_url, standin, shutdown_grace=0.3, request_timeout=10)
-    async with running_worker(settings) as worker:
+    async with running(settings) as worker:
         inflight = KEYS.inflight(worker.id)
         await wait_until(lambda: _hlen(redis_client, inflight, 5), 5, "5 in flight")
         await asyncio.sleep(0.2)  # the PUTs are on their way
@@ -269,7 +270,7 @@ async def test_stop_waits_for_deliveries_within_the_grace_period(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     await enqueue(redis_url, *(update(f"slow300-{i}") for i in range(5)))
-    async with running_worker(fast_settings(redis_url, standin, shutdown_grace=5)) as worker:
+    async with running(fast_settings(redis_url, standin, shutdown_grace=5)) as worker:
         inflight = KEYS.inflight(worker.id)
         await wait_until(lambda: _hlen(redis_client, inflight, 5), 5, "5 in flight")
     assert len(standin.delivered) == 5
@@ -293,7 +294,7 @@ async def test_the_real_5_10_15_second_policy(
 ) -> None:
     await enqueue(redis_url, update("down-real"))
     settings = fast_settings(redis_url, standin, retry_delays=(5.0, 10.0, 15.0))
-    async with running_worker(settings):
+    async with running(settings):
         await wait_until(lambda: _dead_count(redis_client, 1), 40, "a dead letter")
     times = [r.at for r in arrivals(standin, "down-real")]
     gaps = [b - a for a, b in itertools.pairwise(times)]
