@@ -36,8 +36,13 @@ async def run(base: str, n: int, concurrency: int) -> dict[str, object]:
 
         async def consumer() -> None:
             for i in next_index:
+                # The same call as forwarder.client's.
                 async with session.put(
-                    urls[i], data=BODY_BYTES, headers=_HEADERS, timeout=timeout
+                    urls[i],
+                    data=BODY_BYTES,
+                    headers=_HEADERS,
+                    timeout=timeout,
+                    allow_redirects=False,
                 ) as resp:
                     await resp.read()
                     statuses[resp.status] += 1

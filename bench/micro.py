@@ -48,6 +48,9 @@ def steps() -> dict[str, Callable[[], object]]:
         "worker: UpdateSessionBody.model_validate(body)": lambda: (
             model.UpdateSessionBody.model_validate(data["body"])
         ),
+        "worker: validate_wire(dict) (verdict only, no model objects)": lambda: model.validate_wire(
+            data
+        ),
         "worker: orjson.dumps(body) (request body)": lambda: orjson.dumps(data["body"]),
         "worker: URL: 3x quote + yarl.URL(encoded=True)": lambda: URL(
             f"{base}/api/account/{quote(ACCOUNT, safe='')}/app/engagement/visitors/"
@@ -72,6 +75,7 @@ def steps() -> dict[str, Callable[[], object]]:
     out["producer: SessionUpdate.model_validate(update)"] = lambda: (
         model.SessionUpdate.model_validate(one)
     )
+    out["producer: validate_wire(update)"] = lambda: model.validate_wire(one)
     body = DOCS_EXAMPLE_BODY
     out["producer: make_update(...)"] = lambda: producer.make_update(ACCOUNT, "v", "s", body)
     return out

@@ -34,9 +34,13 @@ class Admission:
     probe: bool = False
 
 
+_GO = Admission(None)
+
+
 @dataclass(slots=True)
 class _Host:
     results: deque[bool]
+    failures: int = 0  # of `results`, kept as they come: summing them is O(window)
     state: State = "closed"
     cooldown: float = 0.0
     reopen_at: float = 0.0
@@ -76,7 +80,7 @@ class Breakers:
         if h.paused_until > now:
             return Admission(h.paused_until - now + _jitter(1.0))
         if h.state == "closed":
-            return Admission(None)
+            return _GO
         if h.state == "open" and now >= h.reopen_at:
             self._set(host, h, "half_open")
             return Admission(None, probe=True)
@@ -96,14 +100,17 @@ class Breakers:
             if failed:
                 self._open(host, h, min(h.cooldown * 2, self._max_cooldown))
             else:
-                h.results.clear()
+                self._forget(h)
                 self._set(host, h, "closed")
             return
         if h.state != "closed":
             return
-        h.results.append(failed)
-        failures = sum(h.results)
-        if len(h.results) >= self._min_calls and failures >= self._ratio * len(h.results):
+        results = h.results
+        if len(results) == results.maxlen:
+            h.failures -= results[0]  # about to fall out of the window
+        results.append(failed)
+        h.failures += failed
+        if len(results) >= self._min_calls and h.failures >= self._ratio * len(results):
             self._open(host, h, self._cooldown)
 
     def pause(self, host: str, seconds: float) -> None:
@@ -117,8 +124,13 @@ class Breakers:
     def _open(self, host: str, h: _Host, cooldown: float) -> None:
         h.cooldown = cooldown
         h.reopen_at = self._clock() + cooldown
-        h.results.clear()
+        self._forget(h)
         self._set(host, h, "open")
+
+    @staticmethod
+    def _forget(h: _Host) -> None:
+        h.results.clear()
+        h.failures = 0
 
     def _set(self, host: str, h: _Host, state: State) -> None:
         if h.state == state and state != "open":

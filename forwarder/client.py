@@ -15,7 +15,6 @@ import orjson
 from yarl import URL
 
 from forwarder.domain import DomainResolver
-from forwarder.model import SessionUpdate
 
 API_VERSION = "1.0"
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -80,6 +79,8 @@ class EngagementClient:
         self._base = (base_url or "").rstrip("/")
         self._domains = None if base_url else domains
         self._scheme = scheme
+        # scheme, authority and path prefix of each base URL, parsed once.
+        self._bases: dict[str, tuple[str, str, str]] = {}
 
     async def base_url(self, account_id: str) -> str:
         """``scheme://host`` serving ``account_id``; raises DomainLookupError."""
@@ -87,10 +88,10 @@ class EngagementClient:
             return self._base
         return f"{self._scheme}://{await self._domains.host(account_id)}"
 
-    async def update_session(self, base: str, message: SessionUpdate, body: Any) -> Attempt:
-        """PUT ``body`` (the message's body, as the producer wrote it) to its session."""
-        url = _url(base, message)
-        data = orjson.dumps(body)
+    async def update_session(self, base: str, message: dict[str, Any]) -> Attempt:
+        """PUT the body of ``message`` (a validated wire message) to its session."""
+        url = self._url(base, message)
+        data = orjson.dumps(message["body"])
         started = time.perf_counter()
         try:
             return await self._send(url, data, started)
@@ -100,6 +101,24 @@ class EngagementClient:
             return Attempt(None, time.perf_counter() - started, failure="connect")
         except aiohttp.ClientError:
             return Attempt(None, time.perf_counter() - started, failure="connection")
+
+    def _url(self, base: str, message: dict[str, Any]) -> URL:
+        parts = self._bases.get(base)
+        if parts is None:
+            parsed = URL(base)
+            parts = self._bases[base] = (parsed.scheme, parsed.raw_authority, parsed.raw_path)
+        scheme, authority, prefix = parts
+        # Path parts are percent-encoded with no safe characters: a visitor id can never
+        # add a path segment or a query.
+        path = (
+            f"{prefix.rstrip('/')}/api/account/{_quote(message['accountId'])}"
+            f"/app/engagement/visitors/{_quote(message['visitorId'])}"
+        )
+        query = f"v={API_VERSION}&sid={_quote(message['sessionId'])}"
+        # Built from parts: parsing the whole URL again costs twice as much per message.
+        return URL.build(
+            scheme=scheme, authority=authority, path=path, query_string=query, encoded=True
+        )
 
     async def _send(self, url: URL, data: bytes, started: float) -> Attempt:
         try:
@@ -119,17 +138,6 @@ class EngagementClient:
                 return Attempt(resp.status, latency)
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             return Attempt(resp.status, latency, _error_entity(payload), retry_after=retry_after)
-
-
-def _url(base: str, message: SessionUpdate) -> URL:
-    # Path parts are percent-encoded with no safe characters: a visitor id can never
-    # add a path segment or a query.
-    path = (
-        f"/api/account/{_quote(message.account_id)}"
-        f"/app/engagement/visitors/{_quote(message.visitor_id)}"
-    )
-    query = f"?v={API_VERSION}&sid={_quote(message.session_id)}"
-    return URL(base + path + query, encoded=True)
 
 
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")

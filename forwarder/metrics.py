@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -123,6 +124,8 @@ class Metrics:
             registry=registry,
         )
         self._zero_series()
+        # labels() validates and locks on every call: look each child up once.
+        self._outcome = functools.cache(self.outcomes.labels)
 
     def _zero_series(self) -> None:
         # Series that exist from the start read as 0, not as absent, in rate() and alerts.
@@ -144,7 +147,7 @@ class Metrics:
         if result is None:
             return
         status = fields.get("status")
-        self.outcomes.labels(result, _status_class(status)).inc()
+        self._outcome(result, _status_class(status)).inc()
         if status is not None or fields.get("failure") in _SENT:
             self.put_seconds.observe(float(fields.get("latency_ms", 0.0)) / 1000)
         if fields.get("failure") == "domain_lookup":

@@ -17,15 +17,15 @@ from typing import Any
 
 import orjson
 import redis.exceptions
-from pydantic import ValidationError
 
 from forwarder.connections import AsyncRedis, SyncRedis, async_client, sync_client
 from forwarder.model import (
     MAX_MESSAGE_BYTES,
+    InvalidMessage,
     SessionUpdate,
     UpdateSessionBody,
-    format_errors,
     too_large,
+    validate_wire,
 )
 from forwarder.queue import Keys
 
@@ -73,13 +73,19 @@ def encode(
     if isinstance(update, SessionUpdate):
         data = update.model_dump(mode="json", by_alias=True, exclude_unset=True)
     else:
-        data = dict(update)
         try:
-            SessionUpdate.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidUpdate(format_errors(exc), index) from None
+            # A copy, to fill in: the caller's mapping is never written into.
+            data = dict(update)
+        except (TypeError, ValueError):
+            kind = type(update).__name__
+            error = f"(root): an update must be a mapping or a SessionUpdate, not {kind}"
+            raise InvalidUpdate([error], index) from None
+        try:
+            validate_wire(data)
+        except InvalidMessage as exc:
+            raise InvalidUpdate(exc.errors, index) from None
     if data.get("id") is None:
-        # 128 random bits, as uuid4 has, at a quarter of its cost.
+        # 128 random bits, as uuid4 has, at a fifth of its cost.
         data["id"] = os.urandom(16).hex()
     data.setdefault("enqueuedAt", time.time() if enqueued_at is None else enqueued_at)
     try:

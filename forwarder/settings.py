@@ -81,7 +81,11 @@ class Settings(BaseSettings):
         "its in-flight messages go back to the queue",
     )
     claim_batch: int = Field(
-        default=64, ge=1, le=1000, description="most messages taken per claim round trip"
+        default=64,
+        ge=1,
+        le=1000,
+        description="most messages taken per claim round trip; a worker holds at most "
+        "`FORWARDER_CONCURRENCY` + this many",
     )
     ordering: Literal["none", "session"] = Field(
         default="none",

@@ -1,10 +1,11 @@
 """The worker: claims messages, delivers them concurrently, records each outcome.
 
 One asyncio task claims (in batches when the queue is deep, with a blocking pop when it
-is empty), one task per message delivers it, one task records outcomes in batches, and
-two background tasks heartbeat (recovering dead workers' messages) and move due retries
-back to the queue. A message's way through Redis is in :mod:`forwarder.queue`; what an
-attempt's result means is in :mod:`forwarder.outcome`.
+is empty) into a small local buffer; ``FORWARDER_CONCURRENCY`` long-lived consumer tasks
+take from it and deliver, one message at a time each; one task records outcomes in
+batches; two background tasks heartbeat (recovering dead workers' messages) and move due
+retries back to the queue. A message's way through Redis is in :mod:`forwarder.queue`;
+what an attempt's result means is in :mod:`forwarder.outcome`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import logging
 import os
 import socket
 import time
@@ -33,7 +35,7 @@ from forwarder.connections import AsyncRedis, redis_client
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.metrics import Metrics, listening
-from forwarder.model import InvalidMessage, SessionUpdate, decode
+from forwarder.model import InvalidMessage, decode
 from forwarder.outcome import Outcome
 from forwarder.queue import Claimed, Queue
 from forwarder.settings import Settings
@@ -86,18 +88,21 @@ class Worker:
             max_cooldown=settings.breaker_max_cooldown,
         )
         self._policy = outcome.RetryPolicy(settings.retry_delays, settings.max_retry_after)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_free = asyncio.Event()
+        # Claimed messages no consumer has taken yet (None: "stop"), and how many
+        # consumers are delivering one. Both count against what one worker may hold.
+        self._ready: asyncio.Queue[Claimed | None] = asyncio.Queue()
+        self._busy = 0
+        self._refill = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()
-        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._results = _Results()
         self.metrics = Metrics()
         self.retention = Retention(redis, settings)
 
     def stop(self) -> None:
         """Stop taking messages; :meth:`run` then finishes what is in flight and returns."""
         self._stopping.set()
-        self._slot_free.set()
+        self._refill.set()
 
     @property
     def stopping(self) -> bool:
@@ -123,23 +128,26 @@ class Worker:
         ]
         for task in background:
             task.add_done_callback(self._background_done)
+        consumers = [asyncio.create_task(self._consume()) for _ in range(self.settings.concurrency)]
         try:
             await self._claim_loop()
-            await self._drain()
-            log.info("worker_draining", worker=self.id, outcomes=self._outcomes.qsize())
+            await self._drain(consumers)
+            log.info("worker_draining", worker=self.id, outcomes=len(self._results))
             # If the recorder died, what it had not recorded stays in flight in Redis and
             # goes back to the queue with the release below.
-            recorded = asyncio.ensure_future(self._outcomes.join())
+            recorded = asyncio.ensure_future(self._results.all_recorded())
             await asyncio.wait(
                 [recorded, recorder], timeout=GIVE_UP_SECONDS, return_when=asyncio.FIRST_COMPLETED
             )
             recorded.cancel()
         finally:
+            for task in consumers:
+                task.cancel()
             # The loops end on this flag, not by cancellation: a cancel that lands in a
             # Redis call can be swallowed by the client, and then the loop never ends.
             self._closing.set()
             recorder.cancel()  # idle by now, unless Redis has been down since the stop
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *consumers, return_exceptions=True)
             await self._release()
 
     async def _register(self) -> bool:
@@ -160,7 +168,7 @@ class Worker:
         except TimeoutError:
             # What it held stays in its in-flight record; a live worker returns it to
             # the queue once this one's heartbeat is older than FORWARDER_WORKER_TIMEOUT.
-            log.error("release_failed", worker=self.id, unrecorded=self._outcomes.qsize())
+            log.error("release_failed", worker=self.id, unrecorded=len(self._results))
             return
         log.info("worker_stopped", worker=self.id, returned=returned)
 
@@ -173,15 +181,21 @@ class Worker:
         self.stop()
 
     async def _claim_loop(self) -> None:
+        batch = self.settings.claim_batch
+        # Claim again once the buffer is half gone: consumers never wait on a round trip
+        # while the queue is deep, and each claim takes many messages.
+        low = max(batch // 2, 1)
+        most = self.settings.concurrency + batch
         backoff = _Backoff()
         while not self._stopping.is_set():
-            free = self.settings.concurrency - len(self._tasks)
-            if free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
+            buffered = self._ready.qsize()
+            if buffered >= low:
+                self._refill.clear()
+                await self._refill.wait()
                 continue
             try:
-                claimed = await self.queue.claim(min(free, self.settings.claim_batch))
+                # Never more than `most` held: below `low` buffered there is room.
+                claimed = await self.queue.claim(min(most - buffered - self._busy, batch))
                 if not claimed:
                     # Woken by the next message; the next claim takes it.
                     await self.queue.wait(BLOCK_SECONDS)
@@ -191,45 +205,48 @@ class Worker:
                 continue
             backoff.reset()
             for one in claimed:
-                self._start(one)
+                self._ready.put_nowait(one)
 
-    def _start(self, claimed: Claimed) -> None:
-        task = asyncio.create_task(self._handle(claimed))
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
+    async def _consume(self) -> None:
+        """Deliver claimed messages one after another until the worker stops."""
+        low = max(self.settings.claim_batch // 2, 1)
+        while True:
+            claimed = await self._ready.get()
+            if claimed is None or self._stopping.is_set():
+                # Left in this worker's in-flight record: the release gives it back.
+                return
+            if self._ready.qsize() < low:
+                self._refill.set()
+            self._busy += 1
+            try:
+                self._results.add(await self._handle(claimed))
+            finally:
+                self._busy -= 1
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slot_free.set()
-
-    async def _handle(self, claimed: Claimed) -> None:
+    async def _handle(self, claimed: Claimed) -> Outcome:
         try:
-            message, data = decode(claimed.raw, self.settings.max_message_bytes)
+            data = decode(claimed.raw, self.settings.max_message_bytes)
         except InvalidMessage as exc:
-            self._outcomes.put_nowait(outcome.invalid(claimed, exc.errors))
-            return
+            return outcome.invalid(claimed, exc.errors)
         started = time.perf_counter()
         try:
-            result = await self._deliver(claimed, message, data)
+            return await self._deliver(claimed, data)
         except Exception:
             # A bug must not strand the message in flight: count it as a failed attempt.
-            log.exception("delivery_crashed", id=data["id"], account=message.account_id)
+            log.exception("delivery_crashed", id=data["id"], account=data["accountId"])
             attempt = Attempt(None, time.perf_counter() - started, failure="internal")
-            result = outcome.after_attempt(claimed, data, attempt, self._policy)
-        self._outcomes.put_nowait(result)
+            return outcome.after_attempt(claimed, data, attempt, self._policy)
 
-    async def _deliver(
-        self, claimed: Claimed, message: SessionUpdate, data: dict[str, Any]
-    ) -> Outcome:
+    async def _deliver(self, claimed: Claimed, data: dict[str, Any]) -> Outcome:
         try:
-            host = await self.client.base_url(message.account_id)
+            host = await self.client.base_url(data["accountId"])
         except DomainLookupError:
             attempt = Attempt(None, 0.0, failure="domain_lookup")
             return outcome.after_attempt(claimed, data, attempt, self._policy)
         admission = self.breakers.admit(host)
         if admission.wait is not None:
             return outcome.parked(claimed, data, admission.wait, "circuit_open")
-        attempt = await self.client.update_session(host, message, data["body"])
+        attempt = await self.client.update_session(host, data)
         # A probe is a real attempt: it spends one, so a message that fails alone on a
         # quiet host (and keeps tripping the breaker) still reaches its dead letter.
         self.breakers.record(host, attempt.failed, probe=admission.probe)
@@ -238,11 +255,11 @@ class Worker:
             self.breakers.pause(host, result.settlement.delay)
         return result
 
-    async def _drain(self) -> None:
+    async def _drain(self, consumers: list[asyncio.Task[None]]) -> None:
         """Give in-flight deliveries the grace period, then cancel the rest."""
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace)
+        for _ in consumers:
+            self._ready.put_nowait(None)
+        _, pending = await asyncio.wait(consumers, timeout=self.settings.shutdown_grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -251,29 +268,30 @@ class Worker:
 
     async def _record_outcomes(self) -> None:
         while True:
-            batch = [await self._outcomes.get()]
-            while len(batch) < SETTLE_BATCH and not self._outcomes.empty():
-                batch.append(self._outcomes.get_nowait())
+            batch = await self._results.take(SETTLE_BATCH)
             settle = functools.partial(self.queue.settle, [o.settlement for o in batch])
             acked, kept = await _until_redis(settle)
             self._report(batch, acked, iter(kept))
-            for _ in batch:
-                self._outcomes.task_done()
+            self._results.recorded(len(batch))
 
     def _report(self, batch: list[Outcome], acked: int, kept: Iterator[bool]) -> None:
+        # A busy worker delivers thousands a second: skip building unlogged ack lines.
+        log_acks = log.is_enabled_for(logging.INFO)
         acks = 0
         for result in batch:
             if result.settlement.op == "ack":
                 acks += 1
-                log.info(result.event, **result.fields)
-                self.metrics.observe(result)
-            elif next(kept):
-                # Parking repeats every cool-down for a whole outage: not worth a line each.
-                report = log.debug if result.event == "parked" else log.info
-                report(result.event, **result.fields)
-                self.metrics.observe(result)
-            else:
+                if log_acks:
+                    log.info(result.event, **result.fields)
+            elif not next(kept):
                 log.warning("settle_orphaned", event_dropped=result.event, **result.fields)
+                continue
+            elif result.event == "parked":
+                # Parking repeats every cool-down for a whole outage: not worth a line each.
+                log.debug(result.event, **result.fields)
+            else:
+                log.info(result.event, **result.fields)
+            self.metrics.observe(result)
         if acked < acks:
             # Given back while being delivered: another worker will deliver them again.
             log.warning("acks_orphaned", worker=self.id, count=acks - acked)
@@ -313,6 +331,43 @@ class Worker:
             if promoted.next_due is not None:
                 wake = min(wake, promoted.next_due)
             await self._nap(max(wake - promoted.now, 0.002))
+
+
+class _Results:
+    """Outcomes handed from the consumers to the recorder, which settles them in batches."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Outcome] = []
+        self._unrecorded = 0
+        self._added = asyncio.Event()
+        self._none_left = asyncio.Event()
+        self._none_left.set()
+
+    def __len__(self) -> int:
+        """Outcomes not recorded yet (waiting, or being settled)."""
+        return self._unrecorded
+
+    def add(self, result: Outcome) -> None:
+        self._waiting.append(result)
+        self._unrecorded += 1
+        self._added.set()
+        self._none_left.clear()
+
+    async def take(self, most: int) -> list[Outcome]:
+        """Up to ``most`` outcomes, oldest first, once there is one."""
+        while not self._waiting:
+            self._added.clear()
+            await self._added.wait()
+        batch, self._waiting = self._waiting[:most], self._waiting[most:]
+        return batch
+
+    def recorded(self, count: int) -> None:
+        self._unrecorded -= count
+        if not self._unrecorded:
+            self._none_left.set()
+
+    async def all_recorded(self) -> None:
+        await self._none_left.wait()
 
 
 def _redis_down(during: str, exc: BaseException) -> None:

@@ -52,7 +52,7 @@ def _encoded(update: dict[str, Any]) -> bytes | list[str]:
 def _decoded(raw: bytes) -> dict[str, Any] | list[str]:
     """The parsed message, or the worker's errors."""
     try:
-        return decode(raw, CAP)[1]
+        return decode(raw, CAP)
     except InvalidMessage as exc:
         return exc.errors
 

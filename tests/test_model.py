@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
-from pydantic import BaseModel, ValidationError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forwarder.demo import DOCS_EXAMPLE_BODY as DOCS_BODY
+from forwarder.demo import SAMPLE_BODIES
 from forwarder.model import (
+    _WIRE_VALIDATOR,
     Cart,
     CustomerInfo,
     ErrorInfo,
@@ -19,6 +26,7 @@ from forwarder.model import (
     ImpDisplay,
     ImpExpanded,
     ImpTimeout,
+    InvalidMessage,
     Lead,
     MarketingInfo,
     Personal,
@@ -27,8 +35,12 @@ from forwarder.model import (
     SearchInfo,
     Service,
     SessionUpdate,
+    UpdateSessionBody,
+    _verdict_validator,
+    decode,
     format_errors,
     message_json_schema,
+    validate_wire,
 )
 
 PRODUCTS: list[dict[str, Any]] = [
@@ -533,3 +545,242 @@ def test_json_schema_maps_every_type_tag() -> None:
 
     assert mapping("impAttributes") == {event["type"] for event, _ in IMPRESSION_EXAMPLES}
     assert mapping("engagementAttributes") == {sde["type"] for sde, _ in SDE_EXAMPLES}
+
+
+# --- the fast validator: the models' verdicts and errors, without model objects -------------
+
+SAMPLE_MESSAGES = (
+    [message(copy.deepcopy(body)) for body in SAMPLE_BODIES]
+    + [sde_message(sde) for sde, _ in SDE_EXAMPLES]
+    + [message({"pageId": "p", "impAttributes": [event]}) for event, _ in IMPRESSION_EXAMPLES]
+)
+SAMPLE_IDS = [f"sample{i}" for i in range(len(SAMPLE_BODIES))] + [
+    m.__name__ for _, m in SDE_EXAMPLES + IMPRESSION_EXAMPLES
+]
+TAGS = [event["type"] for event, _ in IMPRESSION_EXAMPLES + SDE_EXAMPLES]
+_DELETE = object()
+
+
+def _deep(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+# Wrong types, numbers as strings, bools for ints, floats JSON cannot carry, ids with C0/C1
+# control characters or over length, and values no JSON parser produces.
+ODD_VALUES: list[object] = [
+    *["", "x", "12", "1.5", "MALE", "cart", "1234/5678", "a" * 21, "x" * 300],
+    *["a\nb", "nul\x00", "c1\x85", "é"],
+    *[0, 1, 2, -1, 7, 14, 2**64, 1.0, 2.5, float("nan"), float("inf"), float("-inf")],
+    *[True, False, None, [], [1], ["x"], {}, {"a": 1}, [{}]],
+    *[b"bytes", (1,), {1, 2}, object()],
+]
+UNKNOWN_FIELD_VALUES: list[object] = [
+    *[1, None, "x", [1, "x"], {"nested": {"deeper": [True]}}, _deep(100), _deep(300)],
+    *[float("nan"), [float("inf")], {"k": object()}, b"bytes", {1: "int key"}],
+]
+
+
+def _paths(node: object, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], object]]:
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, (*path, index))
+
+
+def _replaced(msg: dict[str, Any], path: tuple[Any, ...], value: object) -> object:
+    """``msg`` with the value at ``path`` replaced (or deleted, for ``_DELETE``)."""
+    if not path:
+        return value
+    out = copy.deepcopy(msg)
+    parent = out
+    for part in path[:-1]:
+        parent = parent[part]
+    if value is _DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return out
+
+
+def _snake(key: str) -> str:
+    return re.sub("[A-Z]", lambda m: "_" + m[0].lower(), key)
+
+
+def mutations(msg: dict[str, Any]) -> Iterator[object]:
+    """``msg``, and ``msg`` broken (or not) in every place, one way at a time."""
+    yield msg
+    for path, node in _paths(msg):
+        if path:
+            yield _replaced(msg, path, _DELETE)
+        for value in ODD_VALUES:
+            yield _replaced(msg, path, value)
+        if not isinstance(node, dict):
+            continue
+        for value in UNKNOWN_FIELD_VALUES:
+            yield _replaced(msg, path, {**node, "unknownField": value})
+        for key, value in node.items():
+            snake = _snake(key)
+            if snake != key:
+                yield _replaced(msg, path, {(snake if k == key else k): v for k, v in node.items()})
+                yield _replaced(msg, path, {**node, snake: value})
+                yield _replaced(msg, path, {**node, snake: 12})
+        if "type" in node:
+            for tag in [*TAGS, "wishlist", "", None, 5, ["cart"]]:
+                yield _replaced(msg, path, {**node, "type": tag})
+
+
+def model_errors(data: object) -> list[str] | None:
+    try:
+        SessionUpdate.model_validate(data)
+    except ValidationError as exc:
+        return format_errors(exc)
+    return None
+
+
+def fast_accepts(data: object) -> bool:
+    try:
+        _WIRE_VALIDATOR.validate_python(data)
+    except ValidationError:
+        return False
+    return True
+
+
+def wire_errors(data: object) -> list[str] | None:
+    try:
+        validate_wire(data)
+    except InvalidMessage as exc:
+        return exc.errors
+    return None
+
+
+def disagreement(data: object) -> str | None:
+    """How the fast validator and the models disagree on ``data``, if they do."""
+    expected = model_errors(data)
+    if fast_accepts(data) != (expected is None):
+        return f"fast verdict differs: models say {expected} for {data!r}"
+    got = wire_errors(data)
+    if got != expected:
+        return f"errors differ: {got} != {expected} for {data!r}"
+    return None
+
+
+@pytest.mark.parametrize("msg", SAMPLE_MESSAGES, ids=SAMPLE_IDS)
+def test_fast_validator_agrees_with_the_models_on_mutations(msg: dict[str, Any]) -> None:
+    verdicts = {"accepted": 0, "rejected": 0}
+    disagreements = []
+    for data in mutations(msg):
+        verdicts["accepted" if model_errors(data) is None else "rejected"] += 1
+        if (problem := disagreement(data)) is not None:
+            disagreements.append(problem)
+
+    assert disagreements[:5] == []
+    assert verdicts["accepted"] > 10
+    assert verdicts["rejected"] > 100
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+FIELD_NAMES = sorted(
+    {
+        key
+        for msg in SAMPLE_MESSAGES
+        for path, _ in _paths(msg)
+        for key in path
+        if isinstance(key, str)
+    }
+)
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_validator_agrees_with_the_models_on_random_json(data: st.DataObject) -> None:
+    msg = data.draw(st.sampled_from(SAMPLE_MESSAGES))
+    path, node = data.draw(st.sampled_from(list(_paths(msg))))
+    value = data.draw(json_values)
+    if isinstance(node, dict) and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(FIELD_NAMES) | st.sampled_from(FIELD_NAMES).map(_snake))
+        value = {**node, key: value}
+    mutated = _replaced(msg, path, value)
+
+    assert disagreement(mutated) is None
+
+
+@pytest.mark.parametrize("data", [["not", "an", "object"], "text", None, 1.5])
+def test_validate_wire_on_non_object_input(data: object) -> None:
+    assert wire_errors(data) == [
+        "(root): Input should be a valid dictionary or instance of SessionUpdate"
+    ]
+
+
+def test_validate_wire_names_the_model_of_a_non_object_field() -> None:
+    # What a typed dict cannot say: hence the errors come from the models.
+    assert wire_errors(message("body")) == [
+        "body: Input should be a valid dictionary or instance of UpdateSessionBody"
+    ]
+
+
+def test_validate_wire_takes_a_model_where_the_models_do() -> None:
+    data = message(UpdateSessionBody.model_validate({"pageId": "p"}))
+
+    assert not fast_accepts(data)
+    assert model_errors(data) is None
+    assert wire_errors(data) is None
+
+
+def test_rewrite_refuses_models_that_validate_in_python() -> None:
+    class Hooked(BaseModel):
+        x: int = 0
+
+        def model_post_init(self, context: Any) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="post_init"):
+        _verdict_validator(Hooked)
+
+
+class ValidatesDefaults(BaseModel):
+    model_config = ConfigDict(validate_default=True)
+    x: int = "not a number"  # type: ignore[assignment]
+
+
+class ValidatesOneDefault(BaseModel):
+    x: int = Field(default="not a number", validate_default=True)
+
+
+@pytest.mark.parametrize("model", [ValidatesDefaults, ValidatesOneDefault])
+def test_rewrite_keeps_defaults_that_are_validated(model: type[BaseModel]) -> None:
+    with pytest.raises(ValidationError):
+        model.model_validate({})
+    with pytest.raises(ValidationError):
+        _verdict_validator(model).validate_python({})
+
+
+def test_decode_returns_the_parsed_object_with_an_id() -> None:
+    given = message()
+    del given["id"]
+
+    data = decode(orjson.dumps(given), 1 << 20)
+
+    assert re.fullmatch("[0-9a-f]{32}", data.pop("id"))
+    assert data == given
+    assert decode(orjson.dumps(message()), 1 << 20) == message()
+
+
+def test_decode_raises_the_models_errors() -> None:
+    msg = message(accountId="1234/5678")
+
+    with pytest.raises(InvalidMessage) as caught:
+        decode(orjson.dumps(msg), 1 << 20)
+
+    assert caught.value.errors == errors_of(msg)

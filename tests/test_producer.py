@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+from types import MappingProxyType
 from typing import Any
+from unittest.mock import ANY
 
 import orjson
 import pytest
 import redis
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from forwarder.embedded import free_port
-from forwarder.model import SessionUpdate, UpdateSessionBody
-from forwarder.producer import InvalidUpdate, Producer, QueueUnavailable, SyncProducer, make_update
+from forwarder.model import SessionUpdate, UpdateSessionBody, format_errors
+from forwarder.producer import (
+    InvalidUpdate,
+    Producer,
+    QueueUnavailable,
+    SyncProducer,
+    encode,
+    make_update,
+)
 from forwarder.queue import Keys
 
 QUEUE = Keys("forwarder").queue
@@ -100,3 +111,35 @@ async def test_an_unreachable_redis_is_a_typed_error_not_a_silent_drop() -> None
     sync = SyncProducer.from_url(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(QueueUnavailable):
         sync.enqueue("123", "v", "s", BODY)
+
+
+def test_encode_leaves_the_callers_mapping_alone() -> None:
+    update = make_update("123", "v", "s", BODY)
+    before = copy.deepcopy(update)
+
+    message_id, raw = encode(MappingProxyType(update))
+
+    assert update == before
+    assert orjson.loads(raw) == {**before, "id": message_id, "enqueuedAt": ANY}
+
+
+def test_encode_gives_the_models_errors() -> None:
+    update = make_update("12/34", "v", "s", {"pageId": "p", "engagementAttributes": [{}]})
+    with pytest.raises(ValidationError) as expected:
+        SessionUpdate.model_validate(update)
+
+    with pytest.raises(InvalidUpdate) as caught:
+        encode(update, index=3)
+
+    assert caught.value.errors == format_errors(expected.value)
+    assert caught.value.index == 3
+
+
+@pytest.mark.parametrize("update", [["not", "an", "object"], None, 12])
+def test_encode_refuses_what_is_not_a_mapping(update: Any) -> None:
+    with pytest.raises(InvalidUpdate) as caught:
+        encode(update)
+
+    assert caught.value.errors == [
+        f"(root): an update must be a mapping or a SessionUpdate, not {type(update).__name__}"
+    ]

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import orjson
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
 from forwarder.producer import Producer, make_update
@@ -275,6 +276,33 @@ async def test_stop_waits_for_deliveries_within_the_grace_period(
         await wait_until(lambda: _hlen(redis_client, inflight, 5), 5, "5 in flight")
     assert len(standin.delivered) == 5
     await assert_drained(redis_client)
+
+
+async def test_claims_ahead_are_bounded_and_given_back_unsent_on_stop(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    arrived: list[str] = []
+
+    async def hang(received: Received) -> web.StreamResponse | None:
+        arrived.append(received.visitor_id)
+        await asyncio.sleep(5)
+        return None
+
+    standin.override = hang
+    ids = await enqueue(redis_url, *(update(f"ok-{i}") for i in range(30)))
+    settings = fast_settings(redis_url, standin, concurrency=2, claim_batch=4, shutdown_grace=0.2)
+    async with running(settings) as worker:
+        inflight = KEYS.inflight(worker.id)
+        # Two being delivered, and some claimed ahead for the next free consumer...
+        await wait_until(lambda: _hlen(redis_client, inflight, 3), 5, "3 in flight")
+        await asyncio.sleep(0.3)
+        # ...but never more than one claim batch ahead.
+        assert 3 <= await redis_client.hlen(inflight) <= 2 + 4
+        assert arrived == ["ok-0", "ok-1"]
+    pending = [orjson.loads(r)["id"] for r in await redis_client.lrange(KEYS.queue, 0, -1)]
+    assert sorted(pending) == sorted(ids)
+    assert arrived == ["ok-0", "ok-1"]
+    assert await redis_client.keys(KEYS.inflight_prefix + "*") == []
 
 
 async def _dead_count(redis: Redis, n: int) -> bool:
