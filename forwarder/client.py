@@ -32,7 +32,7 @@ class ErrorEntity:
         return {"time": self.time, "message": self.message, "internalCode": self.internal_code}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
 class Attempt:
     """What one delivery attempt came to.
 
@@ -82,6 +82,11 @@ class EngagementClient:
         # scheme, authority and path prefix of each base URL, parsed once.
         self._bases: dict[str, tuple[str, str, str]] = {}
 
+    @property
+    def fixed_base_url(self) -> str | None:
+        """The one base URL of every account, if fixed (no lookup, nothing to await)."""
+        return None if self._domains else self._base
+
     async def base_url(self, account_id: str) -> str:
         """``scheme://host`` serving ``account_id``; raises DomainLookupError."""
         if self._domains is None:
@@ -94,7 +99,11 @@ class EngagementClient:
         data = orjson.dumps(message["body"])
         started = time.perf_counter()
         try:
-            return await self._send(url, data, started)
+            try:
+                return await self._put(url, data, started)
+            except aiohttp.ClientConnectorError:
+                # Nothing was sent, so an immediate second try cannot double the update.
+                return await self._put(url, data, started)
         except TimeoutError:
             return Attempt(None, time.perf_counter() - started, failure="timeout")
         except aiohttp.ClientConnectorError:
@@ -119,13 +128,6 @@ class EngagementClient:
         return URL.build(
             scheme=scheme, authority=authority, path=path, query_string=query, encoded=True
         )
-
-    async def _send(self, url: URL, data: bytes, started: float) -> Attempt:
-        try:
-            return await self._put(url, data, started)
-        except aiohttp.ClientConnectorError:
-            # Nothing was sent, so an immediate second try cannot double the update.
-            return await self._put(url, data, started)
 
     async def _put(self, url: URL, data: bytes, started: float) -> Attempt:
         async with self._session.put(

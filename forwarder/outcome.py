@@ -32,7 +32,7 @@ from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
 from forwarder.queue import Claimed, Settlement
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
 class Outcome:
     """A settlement plus the stable log event (and its fields) that reports it."""
 

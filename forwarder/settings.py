@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1000,
         description="most messages taken per claim round trip; a worker holds at most "
-        "`FORWARDER_CONCURRENCY` + this many",
+        "`FORWARDER_CONCURRENCY` + twice this many",
     )
     ordering: Literal["none", "session"] = Field(
         default="none",

@@ -88,10 +88,8 @@ class Worker:
             max_cooldown=settings.breaker_max_cooldown,
         )
         self._policy = outcome.RetryPolicy(settings.retry_delays, settings.max_retry_after)
-        # Claimed messages no consumer has taken yet (None: "stop"), and how many
-        # consumers are delivering one. Both count against what one worker may hold.
+        # Claimed messages no consumer has taken yet (None: "stop").
         self._ready: asyncio.Queue[Claimed | None] = asyncio.Queue()
-        self._busy = 0
         self._refill = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()
@@ -181,21 +179,18 @@ class Worker:
         self.stop()
 
     async def _claim_loop(self) -> None:
+        # Claim a batch whenever fewer than a batch are ready: consumers never wait on a
+        # round trip while the queue is deep (in one, a busy worker finishes dozens of
+        # messages), and each claim takes many. At most concurrency + 2 x batch - 1 held.
         batch = self.settings.claim_batch
-        # Claim again once the buffer is half gone: consumers never wait on a round trip
-        # while the queue is deep, and each claim takes many messages.
-        low = max(batch // 2, 1)
-        most = self.settings.concurrency + batch
         backoff = _Backoff()
         while not self._stopping.is_set():
-            buffered = self._ready.qsize()
-            if buffered >= low:
+            if self._ready.qsize() >= batch:
                 self._refill.clear()
                 await self._refill.wait()
                 continue
             try:
-                # Never more than `most` held: below `low` buffered there is room.
-                claimed = await self.queue.claim(min(most - buffered - self._busy, batch))
+                claimed = await self.queue.claim(batch)
                 if not claimed:
                     # Woken by the next message; the next claim takes it.
                     await self.queue.wait(BLOCK_SECONDS)
@@ -209,19 +204,15 @@ class Worker:
 
     async def _consume(self) -> None:
         """Deliver claimed messages one after another until the worker stops."""
-        low = max(self.settings.claim_batch // 2, 1)
+        batch = self.settings.claim_batch
         while True:
             claimed = await self._ready.get()
             if claimed is None or self._stopping.is_set():
                 # Left in this worker's in-flight record: the release gives it back.
                 return
-            if self._ready.qsize() < low:
+            if self._ready.qsize() < batch:
                 self._refill.set()
-            self._busy += 1
-            try:
-                self._results.add(await self._handle(claimed))
-            finally:
-                self._busy -= 1
+            self._results.add(await self._handle(claimed))
 
     async def _handle(self, claimed: Claimed) -> Outcome:
         try:
@@ -239,7 +230,7 @@ class Worker:
 
     async def _deliver(self, claimed: Claimed, data: dict[str, Any]) -> Outcome:
         try:
-            host = await self.client.base_url(data["accountId"])
+            host = self.client.fixed_base_url or await self.client.base_url(data["accountId"])
         except DomainLookupError:
             attempt = Attempt(None, 0.0, failure="domain_lookup")
             return outcome.after_attempt(claimed, data, attempt, self._policy)
