@@ -219,6 +219,13 @@ class Worker:
             data = decode(claimed.raw, self.settings.max_message_bytes)
         except InvalidMessage as exc:
             return outcome.invalid(claimed, exc.errors)
+        except Exception as exc:
+            # A bug in decoding must neither strand the message nor end this consumer:
+            # dead-letter it with its raw bytes, to replay once fixed.
+            log.exception("decode_crashed", worker=self.id)
+            return outcome.invalid(
+                claimed, [f"(root): could not be decoded ({type(exc).__name__})"]
+            )
         started = time.perf_counter()
         try:
             return await self._deliver(claimed, data)

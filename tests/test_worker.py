@@ -12,6 +12,8 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from forwarder import model
+from forwarder import worker as worker_module
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Received, StandIn
@@ -201,6 +203,26 @@ async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
     assert record["raw"] == element.decode("utf-8", errors="backslashreplace")
     assert record["errors"]
     assert all(isinstance(e, str) for e in record["errors"])
+    await assert_drained(redis_client)
+
+
+async def test_a_crash_in_decoding_dead_letters_the_message_and_the_worker_goes_on(
+    redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def decode(raw: bytes, max_bytes: int) -> dict[str, Any]:
+        if b"boom-" in raw:
+            raise RuntimeError("a bug")
+        return model.decode(raw, max_bytes)
+
+    monkeypatch.setattr(worker_module, "decode", decode)
+    await enqueue(redis_url, update("boom-1"), *(update(f"ok-{i}") for i in range(3)))
+    async with running(fast_settings(redis_url, standin, concurrency=1)):
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+        await standin.wait_for(lambda api: len(api.delivered) == 3, 5)
+    (record,) = await dead_records(redis_client)
+    assert record["reason"] == "invalid_message"
+    assert record["errors"] == ["(root): could not be decoded (RuntimeError)"]
+    assert "boom-1" in record["raw"]
     await assert_drained(redis_client)
 
 
