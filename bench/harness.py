@@ -881,6 +881,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _with_round_ratios(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float | None]]:
+    """Each run with its msg/s over its own round's ceiling (None: no ceiling that round)."""
+    ceilings = {r["round"]: r["msgs_per_s"] for r in runs if r["contender"] == "ceiling"}
+    return [
+        (r, r["msgs_per_s"] / ceilings[r["round"]] if r["round"] in ceilings else None)
+        for r in runs
+    ]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -911,9 +920,7 @@ def render(results: dict[str, Any]) -> str:
         )
         lines.append(head)
         lines.append("-" * len(head))
-        ceilings = {r["round"]: r["msgs_per_s"] for r in tp["runs"] if r["contender"] == "ceiling"}
-        for r in tp["runs"]:
-            ratio = r["msgs_per_s"] / ceilings[r["round"]] if r["round"] in ceilings else None
+        for r, ratio in _with_round_ratios(tp["runs"]):
             lines.append(
                 f"{r['contender'] + ' #' + str(r['round']):<22}{r['msgs_per_s']:>9.0f}"
                 f"{_fmt(ratio, '.2f'):>7}{r['cpu_per_1k']:>10.3f}{r['peak_rss_mb']:>13.1f}"
@@ -954,9 +961,7 @@ def render(results: dict[str, Any]) -> str:
         )
         lines.append(head)
         lines.append("-" * len(head))
-        ceilings = {r["round"]: r["msgs_per_s"] for r in ex["runs"] if r["contender"] == "ceiling"}
-        for r in ex["runs"]:
-            ratio = r["msgs_per_s"] / ceilings[r["round"]] if r["round"] in ceilings else None
+        for r, ratio in _with_round_ratios(ex["runs"]):
             lines.append(
                 f"{r['contender'] + ' #' + str(r['round']):<30}{r['msgs_per_s']:>9.0f}"
                 f"{_fmt(ratio, '.2f'):>7}{r['cpu_per_1k']:>10.3f}"

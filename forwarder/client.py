@@ -79,7 +79,7 @@ class EngagementClient:
         self._base = (base_url or "").rstrip("/")
         self._domains = None if base_url else domains
         self._scheme = scheme
-        # scheme, authority and path prefix of each base URL, parsed once.
+        # scheme, authority and path prefix (no trailing /) of each base URL, parsed once.
         self._bases: dict[str, tuple[str, str, str]] = {}
 
     @property
@@ -115,12 +115,13 @@ class EngagementClient:
         parts = self._bases.get(base)
         if parts is None:
             parsed = URL(base)
-            parts = self._bases[base] = (parsed.scheme, parsed.raw_authority, parsed.raw_path)
+            prefix = parsed.raw_path.rstrip("/")
+            parts = self._bases[base] = (parsed.scheme, parsed.raw_authority, prefix)
         scheme, authority, prefix = parts
         # Path parts are percent-encoded with no safe characters: a visitor id can never
         # add a path segment or a query.
         path = (
-            f"{prefix.rstrip('/')}/api/account/{_quote(message['accountId'])}"
+            f"{prefix}/api/account/{_quote(message['accountId'])}"
             f"/app/engagement/visitors/{_quote(message['visitorId'])}"
         )
         query = f"v={API_VERSION}&sid={_quote(message['sessionId'])}"
