@@ -59,6 +59,15 @@ class Attempt:
         return self.status is None or self.status >= 500
 
 
+@dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
+class Put:
+    """One Update Session call, built ahead of sending: all of it but the host."""
+
+    path: str  # percent-encoded
+    query: str  # percent-encoded
+    body: bytes
+
+
 class EngagementClient:
     """Sends Update Session calls over one keep-alive connection pool."""
 
@@ -93,17 +102,28 @@ class EngagementClient:
             return self._base
         return f"{self._scheme}://{await self._domains.host(account_id)}"
 
-    async def update_session(self, base: str, message: dict[str, Any]) -> Attempt:
-        """PUT the body of ``message`` (a validated wire message) to its session."""
-        url = self._url(base, message)
-        data = orjson.dumps(message["body"])
+    def prepare(self, message: dict[str, Any]) -> Put:
+        """The Update Session call of ``message`` (a validated wire message), but its host."""
+        # Path parts are percent-encoded with no safe characters: a visitor id can never
+        # add a path segment or a query.
+        return Put(
+            # An account id is [A-Za-z0-9_]: never escaped (the envelope is always checked).
+            f"/api/account/{message['accountId']}"
+            f"/app/engagement/visitors/{_quote(message['visitorId'])}",
+            f"v={API_VERSION}&sid={_quote(message['sessionId'])}",
+            orjson.dumps(message["body"]),
+        )
+
+    async def update_session(self, base: str, put: Put) -> Attempt:
+        """Send ``put`` to the API at ``base``; never raises for a failed call."""
+        url = self._url(base, put)
         started = time.perf_counter()
         try:
             try:
-                return await self._put(url, data, started)
+                return await self._put(url, put.body, started)
             except aiohttp.ClientConnectorError:
                 # Nothing was sent, so an immediate second try cannot double the update.
-                return await self._put(url, data, started)
+                return await self._put(url, put.body, started)
         except TimeoutError:
             return Attempt(None, time.perf_counter() - started, failure="timeout")
         except aiohttp.ClientConnectorError:
@@ -111,23 +131,20 @@ class EngagementClient:
         except aiohttp.ClientError:
             return Attempt(None, time.perf_counter() - started, failure="connection")
 
-    def _url(self, base: str, message: dict[str, Any]) -> URL:
+    def _url(self, base: str, put: Put) -> URL:
         parts = self._bases.get(base)
         if parts is None:
             parsed = URL(base)
             prefix = parsed.raw_path.rstrip("/")
             parts = self._bases[base] = (parsed.scheme, parsed.raw_authority, prefix)
         scheme, authority, prefix = parts
-        # Path parts are percent-encoded with no safe characters: a visitor id can never
-        # add a path segment or a query.
-        path = (
-            f"{prefix}/api/account/{_quote(message['accountId'])}"
-            f"/app/engagement/visitors/{_quote(message['visitorId'])}"
-        )
-        query = f"v={API_VERSION}&sid={_quote(message['sessionId'])}"
         # Built from parts: parsing the whole URL again costs twice as much per message.
         return URL.build(
-            scheme=scheme, authority=authority, path=path, query_string=query, encoded=True
+            scheme=scheme,
+            authority=authority,
+            path=prefix + put.path,
+            query_string=put.query,
+            encoded=True,
         )
 
     async def _put(self, url: URL, data: bytes, started: float) -> Attempt:

@@ -1,8 +1,9 @@
 """The worker: claims messages, delivers them concurrently, records each outcome.
 
 One asyncio task claims (in batches when the queue is deep, with a blocking pop when it
-is empty) into a small local buffer; ``FORWARDER_CONCURRENCY`` long-lived consumer tasks
-take from it and deliver, one message at a time each; one task records outcomes in
+is empty), decodes each batch and builds its requests, into a small local buffer;
+``FORWARDER_CONCURRENCY`` long-lived consumer tasks take from it and deliver, one message
+at a time each; one task records outcomes in
 batches; two background tasks heartbeat (recovering dead workers' messages) and move due
 retries back to the queue. A message's way through Redis is in :mod:`forwarder.queue`;
 what an attempt's result means is in :mod:`forwarder.outcome`.
@@ -20,6 +21,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -30,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from forwarder import outcome
 from forwarder.breaker import Breakers
-from forwarder.client import Attempt, EngagementClient
+from forwarder.client import Attempt, EngagementClient, Put
 from forwarder.connections import AsyncRedis, redis_client
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
@@ -89,7 +91,7 @@ class Worker:
         )
         self._policy = outcome.RetryPolicy(settings.retry_delays, settings.max_retry_after)
         # Claimed messages no consumer has taken yet (None: "stop").
-        self._ready: asyncio.Queue[Claimed | None] = asyncio.Queue()
+        self._ready: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._refill = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()
@@ -199,56 +201,67 @@ class Worker:
                 await backoff.sleep()
                 continue
             backoff.reset()
+            # Decoded and built here, a batch at a time: in one tight loop the parser's
+            # and validator's code and data stay in the CPU's caches (measured: 4 µs a
+            # message less than decoding each one in its consumer, between HTTP calls).
             for one in claimed:
-                self._ready.put_nowait(one)
+                job = self._prepare(one)
+                if isinstance(job, Outcome):
+                    self._results.add(job)
+                else:
+                    self._ready.put_nowait(job)
 
-    async def _consume(self) -> None:
-        """Deliver claimed messages one after another until the worker stops."""
-        batch = self.settings.claim_batch
-        while True:
-            claimed = await self._ready.get()
-            if claimed is None or self._stopping.is_set():
-                # Left in this worker's in-flight record: the release gives it back.
-                return
-            if self._ready.qsize() < batch:
-                self._refill.set()
-            self._results.add(await self._handle(claimed))
-
-    async def _handle(self, claimed: Claimed) -> Outcome:
+    def _prepare(self, claimed: Claimed) -> _Job | Outcome:
+        """The claimed message, decoded and its request built; or its invalid dead letter."""
         try:
-            data = decode(claimed.raw, self.settings.max_message_bytes)
+            message = decode(claimed.raw, self.settings.max_message_bytes)
+            return _Job(claimed, message, self.client.prepare(message))
         except InvalidMessage as exc:
             return outcome.invalid(claimed, exc.errors)
         except Exception as exc:
-            # A bug in decoding must neither strand the message nor end this consumer:
+            # A bug in decoding must neither strand the message nor end the claimer:
             # dead-letter it with its raw bytes, to replay once fixed.
             log.exception("decode_crashed", worker=self.id)
             return outcome.invalid(
                 claimed, [f"(root): could not be decoded ({type(exc).__name__})"]
             )
-        started = time.perf_counter()
-        try:
-            return await self._deliver(claimed, data)
-        except Exception:
-            # A bug must not strand the message in flight: count it as a failed attempt.
-            log.exception("delivery_crashed", id=data["id"], account=data["accountId"])
-            attempt = Attempt(None, time.perf_counter() - started, failure="internal")
-            return outcome.after_attempt(claimed, data, attempt, self._policy)
 
-    async def _deliver(self, claimed: Claimed, data: dict[str, Any]) -> Outcome:
+    async def _consume(self) -> None:
+        """Deliver claimed messages one after another until the worker stops."""
+        batch = self.settings.claim_batch
+        while True:
+            job = await self._ready.get()
+            if job is None or self._stopping.is_set():
+                # Left in this worker's in-flight record: the release gives it back.
+                return
+            if self._ready.qsize() < batch:
+                self._refill.set()
+            started = time.perf_counter()
+            try:
+                result = await self._deliver(job)
+            except Exception:
+                # A bug must not strand the message in flight: count it as a failed attempt.
+                message = job.message
+                log.exception("delivery_crashed", id=message["id"], account=message["accountId"])
+                attempt = Attempt(None, time.perf_counter() - started, failure="internal")
+                result = outcome.after_attempt(job.claimed, message, attempt, self._policy)
+            self._results.add(result)
+
+    async def _deliver(self, job: _Job) -> Outcome:
+        claimed, message = job.claimed, job.message
         try:
-            host = self.client.fixed_base_url or await self.client.base_url(data["accountId"])
+            host = self.client.fixed_base_url or await self.client.base_url(message["accountId"])
         except DomainLookupError:
             attempt = Attempt(None, 0.0, failure="domain_lookup")
-            return outcome.after_attempt(claimed, data, attempt, self._policy)
+            return outcome.after_attempt(claimed, message, attempt, self._policy)
         admission = self.breakers.admit(host)
         if admission.wait is not None:
-            return outcome.parked(claimed, data, admission.wait, "circuit_open")
-        attempt = await self.client.update_session(host, data)
+            return outcome.parked(claimed, message, admission.wait, "circuit_open")
+        attempt = await self.client.update_session(host, job.put)
         # A probe is a real attempt: it spends one, so a message that fails alone on a
         # quiet host (and keeps tripping the breaker) still reaches its dead letter.
         self.breakers.record(host, attempt.failed, probe=admission.probe)
-        result = outcome.after_attempt(claimed, data, attempt, self._policy)
+        result = outcome.after_attempt(claimed, message, attempt, self._policy)
         if result.event == "parked":
             self.breakers.pause(host, result.settlement.delay)
         return result
@@ -329,6 +342,15 @@ class Worker:
             if promoted.next_due is not None:
                 wake = min(wake, promoted.next_due)
             await self._nap(max(wake - promoted.now, 0.002))
+
+
+@dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
+class _Job:
+    """A claimed message, decoded, with its request built: ready for a consumer."""
+
+    claimed: Claimed
+    message: dict[str, Any]
+    put: Put
 
 
 class _Results:
