@@ -126,7 +126,6 @@ class Metrics:
         self._zero_series()
         # labels() validates and locks on every call: look each child up once.
         self._outcome = functools.cache(self.outcomes.labels)
-        self._delivered = self.outcomes.labels("delivered", "2xx")
 
     def _zero_series(self) -> None:
         # Series that exist from the start read as 0, not as absent, in rate() and alerts.
@@ -141,13 +140,6 @@ class Metrics:
     def observe(self, outcome: Outcome) -> None:
         """Count one recorded outcome (the worker's report of it)."""
         fields = outcome.fields
-        if outcome.event == "delivered":
-            # Nearly every outcome: the shortest way through (after_attempt's fields).
-            self._delivered.inc()
-            self.put_seconds.observe(fields["latency_ms"] / 1000)
-            if isinstance(enqueued := fields["enqueued_at"], int | float):
-                self.enqueue_to_delivery.observe(max(time.time() - enqueued, 0.0))
-            return
         if outcome.event == "parked":
             self.parked.labels(_park_cause(fields.get("why"))).inc()
             return
