@@ -362,6 +362,17 @@ class Load:
         return d
 
 
+def _json_child(env: Env, name: str, argv: list[str], what: str, *, timeout: float = 30.0) -> Any:
+    """Run ``argv`` to its end and return the JSON it printed; raise if it failed."""
+    child = env.children.start(name, argv, cwd=ROOT, stdout_pipe=True)
+    assert child.proc.stdout is not None
+    out = child.proc.stdout.read()
+    code = env.children.stop(child, timeout=timeout)
+    if code != 0:
+        raise RuntimeError(f"{what} failed ({code}):\n{child.log_tail()}")
+    return orjson.loads(out)
+
+
 def run_ceiling(env: Env, n: int, *, uvloop: bool = False) -> dict[str, Any]:
     env.wait_quiet()
     env.control.reset(n)
@@ -370,14 +381,8 @@ def run_ceiling(env: Env, n: int, *, uvloop: bool = False) -> dict[str, Any]:
     argv += ["--concurrency", str(env.args.concurrency)]
     if uvloop:
         argv.append("--uvloop")
-    child = env.children.start("ceiling", argv, cwd=ROOT, stdout_pipe=True)
-    assert child.proc.stdout is not None
-    out = child.proc.stdout.read()
-    code = env.children.stop(child)
-    if code != 0:
-        raise RuntimeError(f"ceiling client failed ({code}):\n{child.log_tail()}")
+    own = _json_child(env, "ceiling", argv, "ceiling client")
     used = load.stop()
-    own = orjson.loads(out)
     stats = env.control.stats()
     elapsed = stats["target_at"] - stats["first_at"]
     return {
@@ -698,25 +703,14 @@ def mode_producer(env: Env, profile_dir: Path | None) -> dict[str, Any]:
     argv += ["--n", str(args.producer_n), "--batch", str(args.producer_batch)]
     if profile_dir is not None:
         argv += ["--profile-dir", str(profile_dir)]
-    child = env.children.start("producer", argv, cwd=ROOT, stdout_pipe=True)
-    assert child.proc.stdout is not None
-    out = child.proc.stdout.read()
-    code = env.children.stop(child, timeout=300)
-    if code != 0:
-        raise RuntimeError(f"producer bench failed ({code}):\n{child.log_tail()}")
-    result: dict[str, Any] = orjson.loads(out)
+    result: dict[str, Any] = _json_child(env, "producer", argv, "producer bench", timeout=300)
     return result
 
 
 def mode_micro(env: Env) -> dict[str, Any]:
     env.wait_quiet()
-    child = env.children.start("micro", [PY, "-m", "bench.micro"], cwd=ROOT, stdout_pipe=True)
-    assert child.proc.stdout is not None
-    out = child.proc.stdout.read()
-    code = env.children.stop(child, timeout=300)
-    if code != 0:
-        raise RuntimeError(f"micro bench failed ({code}):\n{child.log_tail()}")
-    result: dict[str, Any] = orjson.loads(out)
+    argv = [PY, "-m", "bench.micro"]
+    result: dict[str, Any] = _json_child(env, "micro", argv, "micro bench", timeout=300)
     return result
 
 
