@@ -70,20 +70,7 @@ def encode(
     enqueued_at: float | None = None,
 ) -> tuple[str, bytes]:
     """Validate one update and give its id and wire bytes (id and enqueuedAt filled in)."""
-    if isinstance(update, SessionUpdate):
-        data = update.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    else:
-        try:
-            # A copy, to fill in: the caller's mapping is never written into.
-            data = dict(update)
-        except (TypeError, ValueError):
-            kind = type(update).__name__
-            error = f"(root): an update must be a mapping or a SessionUpdate, not {kind}"
-            raise InvalidUpdate([error], index) from None
-        try:
-            validate_wire(data)
-        except InvalidMessage as exc:
-            raise InvalidUpdate(exc.errors, index) from None
+    data = _wire_form(update, index)
     if data.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
         data["id"] = os.urandom(16).hex()
@@ -91,11 +78,34 @@ def encode(
     try:
         raw = orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
+        _validate(update, data, index, None)
         # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.
         raise InvalidUpdate([f"(root): cannot be encoded as JSON ({exc})"], index) from None
+    _validate(update, data, index, raw)
     if len(raw) > max_bytes:
         raise InvalidUpdate([too_large(len(raw), max_bytes)], index)
     return data["id"], raw
+
+
+def _wire_form(update: Update, index: int) -> dict[str, Any]:
+    """A new dict of ``update``'s wire fields: the caller's mapping is never written into."""
+    if isinstance(update, SessionUpdate):
+        return update.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    try:
+        return dict(update)
+    except (TypeError, ValueError):
+        kind = type(update).__name__
+        error = f"(root): an update must be a mapping or a SessionUpdate, not {kind}"
+        raise InvalidUpdate([error], index) from None
+
+
+def _validate(update: Update, data: dict[str, Any], index: int, raw: bytes | None) -> None:
+    if isinstance(update, SessionUpdate):
+        return  # validated when it was built
+    try:
+        validate_wire(data, raw)
+    except InvalidMessage as exc:
+        raise InvalidUpdate(exc.errors, index) from None
 
 
 def encode_many(updates: Iterable[Update]) -> tuple[list[str], list[bytes]]:

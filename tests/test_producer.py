@@ -143,3 +143,13 @@ def test_encode_refuses_what_is_not_a_mapping(update: Any) -> None:
     assert caught.value.errors == [
         f"(root): an update must be a mapping or a SessionUpdate, not {type(update).__name__}"
     ]
+
+
+def test_encode_refuses_infinity_under_a_fields_python_name() -> None:
+    # orjson would write it as null: the producer must refuse it, not send a null.
+    update = make_update("123", "v", "s", {**BODY, "page_id": float("inf")})
+
+    with pytest.raises(InvalidUpdate) as caught:
+        encode(update)
+
+    assert caught.value.errors == ["body.page_id.float: Input should be a finite number"]
