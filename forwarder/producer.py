@@ -21,6 +21,7 @@ import redis.exceptions
 from forwarder.connections import AsyncRedis, SyncRedis, async_client, sync_client
 from forwarder.model import (
     MAX_MESSAGE_BYTES,
+    PASSTHROUGH,
     InvalidMessage,
     SessionUpdate,
     UpdateSessionBody,
@@ -76,7 +77,7 @@ def encode(
         data["id"] = os.urandom(16).hex()
     data.setdefault("enqueuedAt", time.time() if enqueued_at is None else enqueued_at)
     try:
-        raw = orjson.dumps(data)
+        raw = orjson.dumps(data, option=PASSTHROUGH)
     except orjson.JSONEncodeError as exc:
         _validate(update, data, index, None)
         # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from forwarder.demo import DOCS_EXAMPLE_BODY as DOCS_BODY
 from forwarder.demo import SAMPLE_BODIES
 from forwarder.model import (
-    _WIRE_VALIDATOR,
+    _FAST_DECODER,
+    PASSTHROUGH,
     Cart,
     CustomerInfo,
     ErrorInfo,
@@ -36,8 +38,9 @@ from forwarder.model import (
     Service,
     SessionUpdate,
     UpdateSessionBody,
+    _fast_decoder,
     _has_python_names,
-    _verdict_validator,
+    _python_pattern,
     decode,
     format_errors,
     message_json_schema,
@@ -645,12 +648,19 @@ def model_errors(data: object) -> list[str] | None:
 
 
 def fast_accepts(data: object) -> bool:
-    """The fast path's verdict: the typed dict, unless a Python-named key defers to the models."""
+    """The fast validator's verdict, where validate_wire asks it; else the models'."""
     try:
-        _WIRE_VALIDATOR.validate_python(data)
-    except ValidationError:
+        raw = orjson.dumps(data, option=PASSTHROUGH)
+        json.dumps(data, allow_nan=False)
+    except (orjson.JSONEncodeError, ValueError, TypeError):
+        return model_errors(data) is None
+    if _has_python_names(raw):
+        return model_errors(data) is None
+    try:
+        _FAST_DECODER.decode(raw)
+    except msgspec.ValidationError:
         return False
-    return _has_python_names(data, None) is False or model_errors(data) is None
+    return True
 
 
 def wire_errors(data: object) -> list[str] | None:
@@ -726,7 +736,7 @@ def test_validate_wire_on_non_object_input(data: object) -> None:
 
 
 def test_validate_wire_names_the_model_of_a_non_object_field() -> None:
-    # What a typed dict cannot say: hence the errors come from the models.
+    # What the fast validator cannot say: hence the errors come from the models.
     assert wire_errors(message("body")) == [
         "body: Input should be a valid dictionary or instance of UpdateSessionBody"
     ]
@@ -736,7 +746,7 @@ def test_validate_wire_names_the_model_of_a_non_object_field() -> None:
 def test_a_python_named_key_beside_its_wire_name_is_checked_as_the_models_check_it(
     value: object,
 ) -> None:
-    # The typed dict skips the Python-named key; the models check it as an extra.
+    # The fast validator knows wire names only; the models check this key as an extra.
     data = message({**DOCS_BODY, "imp_attributes": value})
 
     assert wire_errors(data) == model_errors(data) != None  # noqa: E711
@@ -752,38 +762,67 @@ def test_a_python_named_key_with_a_json_value_passes_as_an_extra() -> None:
 def test_validate_wire_takes_a_model_where_the_models_do() -> None:
     data = message(UpdateSessionBody.model_validate({"pageId": "p"}))
 
-    with pytest.raises(ValidationError):
-        _WIRE_VALIDATOR.validate_python(data)
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(data, option=PASSTHROUGH)
     assert model_errors(data) is None
     assert wire_errors(data) is None
 
 
-def test_rewrite_refuses_models_that_validate_in_python() -> None:
+def test_translation_refuses_models_that_validate_in_python() -> None:
     class Hooked(BaseModel):
+        model_config = ConfigDict(strict=True)
         x: int = 0
 
         def model_post_init(self, context: Any) -> None:
             pass
 
     with pytest.raises(TypeError, match="post_init"):
-        _verdict_validator(Hooked)
+        _fast_decoder(Hooked)
+
+
+def test_translation_refuses_models_that_coerce() -> None:
+    class Lax(BaseModel):
+        x: int = 0
+
+    with pytest.raises(TypeError, match="coerce"):
+        _fast_decoder(Lax)
 
 
 class ValidatesDefaults(BaseModel):
-    model_config = ConfigDict(validate_default=True)
+    model_config = ConfigDict(strict=True, validate_default=True)
     x: int = "not a number"  # type: ignore[assignment]
 
 
 class ValidatesOneDefault(BaseModel):
+    model_config = ConfigDict(strict=True)
     x: int = Field(default="not a number", validate_default=True)
 
 
 @pytest.mark.parametrize("model", [ValidatesDefaults, ValidatesOneDefault])
-def test_rewrite_keeps_defaults_that_are_validated(model: type[BaseModel]) -> None:
-    with pytest.raises(ValidationError):
-        model.model_validate({})
-    with pytest.raises(ValidationError):
-        _verdict_validator(model).validate_python({})
+def test_translation_refuses_defaults_that_are_validated(model: type[BaseModel]) -> None:
+    with pytest.raises(TypeError, match="default"):
+        _fast_decoder(model)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "python"),
+    [(r"^[0-6]$", r"^[0-6]\Z"), (r"^a", r"^a"), (r"^a\$", r"^a\\Z")],
+)
+def test_patterns_end_at_the_end_of_the_text_as_in_pydantic(pattern: str, python: str) -> None:
+    assert _python_pattern(pattern) == python
+
+
+@pytest.mark.parametrize("field", ["accountId", "visitorId", "sessionId"])
+def test_a_final_newline_fails_an_anchored_pattern(field: str) -> None:
+    data = message(**{field: "v1\n"})
+
+    assert wire_errors(data) == model_errors(data) != None  # noqa: E711
+
+
+def test_python_values_are_judged_as_the_json_they_are_pushed_as() -> None:
+    body = {**DOCS_BODY, "impAttributes": tuple(DOCS_BODY["impAttributes"])}
+
+    assert wire_errors(message(body)) is None
 
 
 def test_decode_returns_the_parsed_object_with_an_id() -> None:
