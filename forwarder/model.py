@@ -779,14 +779,20 @@ def validate_wire(data: object, raw: bytes | None = None) -> None:
     that orjson writes as JSON (a tuple as an array, a UUID or an Enum as a string) are
     taken as that JSON; the models alone would refuse them.
     """
+    if not _fast_verdict(data, raw):
+        _check_by_models(data)
+
+
+def _fast_verdict(data: object, raw: bytes | None = None) -> bool | None:
+    """The fast validator's verdict on ``data``; None where only the models can judge it."""
     if raw is None:
         try:
             raw = orjson.dumps(data, option=PASSTHROUGH)
         except orjson.JSONEncodeError:
-            raw = None  # no JSON at all: the models say where
-    if raw is not None and b"null" in raw and not _finite(data):
-        raw = None  # orjson wrote NaN or Infinity as null
-    _validate(data, raw)
+            return None  # no JSON at all: the models say where
+    if b"null" in raw and not _finite(data):
+        return None  # orjson wrote NaN or Infinity as null
+    return _json_verdict(raw)
 
 
 def _finite(data: object) -> bool:
@@ -797,14 +803,18 @@ def _finite(data: object) -> bool:
     return True
 
 
-def _validate(data: object, raw: bytes | None) -> None:
-    """``raw``: ``data`` as JSON, if it is all the fast validator needs."""
-    if raw is not None and not _has_python_names(raw):
-        try:
-            _FAST_DECODER.decode(raw)
-            return
-        except msgspec.ValidationError:
-            pass
+def _json_verdict(raw: bytes) -> bool | None:
+    """The fast validator's verdict on a message's JSON; None where it cannot judge it."""
+    if _has_python_names(raw):
+        return None
+    try:
+        _FAST_DECODER.decode(raw)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _check_by_models(data: object) -> None:
     # The models have the last word, on the verdict too: a model instance where a dict
     # is expected (producers in Python) passes there, as it always has.
     try:
@@ -830,5 +840,6 @@ def decode(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if data.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
         data["id"] = os.urandom(16).hex()
-    _validate(data, raw)
+    if not _json_verdict(raw):
+        _check_by_models(data)
     return data

@@ -8,7 +8,6 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from forwarder.demo import DOCS_EXAMPLE_BODY as DOCS_BODY
 from forwarder.demo import SAMPLE_BODIES
 from forwarder.model import (
-    _FAST_DECODER,
     PASSTHROUGH,
     Cart,
     CustomerInfo,
@@ -39,7 +37,7 @@ from forwarder.model import (
     SessionUpdate,
     UpdateSessionBody,
     _fast_decoder,
-    _has_python_names,
+    _fast_verdict,
     _python_pattern,
     decode,
     format_errors,
@@ -649,18 +647,8 @@ def model_errors(data: object) -> list[str] | None:
 
 def fast_accepts(data: object) -> bool:
     """The fast validator's verdict, where validate_wire asks it; else the models'."""
-    try:
-        raw = orjson.dumps(data, option=PASSTHROUGH)
-        json.dumps(data, allow_nan=False)
-    except (orjson.JSONEncodeError, ValueError, TypeError):
-        return model_errors(data) is None
-    if _has_python_names(raw):
-        return model_errors(data) is None
-    try:
-        _FAST_DECODER.decode(raw)
-    except msgspec.ValidationError:
-        return False
-    return True
+    verdict = _fast_verdict(data)
+    return model_errors(data) is None if verdict is None else verdict
 
 
 def wire_errors(data: object) -> list[str] | None:
