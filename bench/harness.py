@@ -178,15 +178,19 @@ class Env:
         idle: bool = True,
         probe: bool = False,
         extra: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
+        ready_timeout: float = 60.0,
     ) -> list[Child]:
         """``processes`` worker processes (or one with ``--processes``), registered.
 
         With ``idle``, also wait until each is blocked on its empty queue (ready, no
         start-up work left); otherwise only until registered (the queue may be full).
+        ``wrap``: a command to run each worker under (valgrind).
         """
         env = self.worker_env(**(extra or {}))
         # The probe is `forwarder worker` itself, plus the BENCH_* knobs in ``extra``.
-        argv = [PY, "-m", "bench.worker_probe"] if probe else [PY, "-m", "forwarder", "worker"]
+        module = ["bench.worker_probe"] if probe else ["forwarder", "worker"]
+        argv = [*wrap, PY, "-m", *module]
         if self.processes_flag and processes > 1:
             started = [
                 self.children.start(
@@ -212,11 +216,11 @@ class Env:
             blocked = int(self.r.info("clients").get("blocked_clients", 0))
             return registered >= processes and (blocked >= processes or not idle)
 
-        wait_for(ready, 60, f"{processes} idle worker(s)", interval=0.05)
+        wait_for(ready, ready_timeout, f"{processes} idle worker(s)", interval=0.05)
         return started
 
-    def stop_workers(self, workers: list[Child]) -> list[int | None]:
-        return [self.children.stop(w, timeout=30) for w in workers]
+    def stop_workers(self, workers: list[Child], timeout: float = 30.0) -> list[int | None]:
+        return [self.children.stop(w, timeout=timeout) for w in workers]
 
     def wait_quiet(self) -> float:
         """Wait (up to ``--quiet-wait`` s) until other processes use < 0.25 CPU.
@@ -961,6 +965,18 @@ def render(results: dict[str, Any]) -> str:
                 f"{_fmt(ratio, '.2f'):>7}{r['cpu_per_1k']:>10.3f}"
                 f"{_fmt(r.get('gc_s_per_1k'), '.3f'):>9}{r['other_load_cpus']:>8.2f} CPU"
             )
+    ins = results.get("instructions")
+    if ins:
+        lines.append("")
+        lines.append(
+            f"INSTRUCTIONS per message (callgrind, runs of {ins['n'][1]} minus {ins['n'][0]}): "
+            f"forwarder {ins['forwarder_per_msg']:,.0f}"
+            + (
+                f", ceiling {ins['ceiling_per_msg']:,.0f}, ceiling ÷ forwarder {ins['ratio']:.3f}"
+                if "ratio" in ins
+                else ""
+            )
+        )
     lat = results.get("latency")
     if lat:
         lines.append("")
@@ -1102,6 +1118,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "memory",
             "micro",
             "experiments",
+            "instructions",
             "all",
         ],
         default="all",
@@ -1164,6 +1181,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile-n", type=int, default=50_000)
     parser.add_argument(
+        "--instr-n", type=int, default=2000, help="messages per run in instructions mode"
+    )
+    parser.add_argument(
+        "--instr-small",
+        type=int,
+        default=400,
+        help="messages of the run whose count is subtracted (start-up and shutdown)",
+    )
+    parser.add_argument(
+        "--instr-ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also count the ceiling's instructions (it does not change between versions)",
+    )
+    parser.add_argument(
+        "--instr-keep",
+        type=Path,
+        help="keep the callgrind files here (for callgrind_annotate), not in a temporary folder",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -1225,6 +1262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results["micro"] = mode_micro(env)
                 elif mode == "experiments":
                     results["experiments"] = mode_experiments(env)
+                elif mode == "instructions":
+                    from bench.instructions import mode_instructions
+
+                    results["instructions"] = mode_instructions(env)
             if args.profile is not None:
                 _progress("== profile")
                 profiles = mode_profile(env, args.profile)
