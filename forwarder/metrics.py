@@ -14,16 +14,22 @@ Labels are bounded sets only: no visitor, session or account ids.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
 import functools
+import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from redis.exceptions import RedisError
 
 from forwarder.connections import AsyncRedis
@@ -45,6 +51,8 @@ _RESULTS = {"delivered": "delivered", "retry_scheduled": "retried", "dead_letter
 _STATUS_CLASSES = ("2xx", "4xx", "5xx", "none")
 # Failures that happen after a request was sent: only those have a PUT latency.
 _SENT = frozenset({"timeout", "connection"})
+# The exposition's spelling of a bucket bound (prometheus_client leaves it untyped).
+_go_float: Callable[[float], str] = floatToGoString
 _ENQUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 21600)
 
 
@@ -88,15 +96,16 @@ class Metrics:
             ["cap"],
             registry=registry,
         )
-        self.put_seconds = Histogram(
+        self.put_seconds = Tally(
             "forwarder_put_duration_seconds",
             "Duration of Update Session PUTs (answered or timed out)",
+            Histogram.DEFAULT_BUCKETS,
             registry=registry,
         )
-        self.enqueue_to_delivery = Histogram(
+        self.enqueue_to_delivery = Tally(
             "forwarder_enqueue_to_delivery_seconds",
             "From enqueuedAt to the API's 2xx (producer's clock to this worker's)",
-            buckets=_ENQUEUE_BUCKETS,
+            _ENQUEUE_BUCKETS,
             registry=registry,
         )
         self.messages = Gauge(
@@ -137,27 +146,34 @@ class Metrics:
         for cap in ("max_len", "max_age"):
             self.dropped.labels(cap)
 
-    def observe(self, outcome: Outcome) -> None:
-        """Count one recorded outcome (the worker's report of it)."""
-        fields = outcome.fields
-        if outcome.event == "parked":
-            self.parked.labels(_park_cause(fields.get("why"))).inc()
-            return
-        result = _RESULTS.get(outcome.event)
-        if result is None:
-            return
-        status = fields.get("status")
-        self._outcome(result, _status_class(status)).inc()
-        if status is not None or fields.get("failure") in _SENT:
-            self.put_seconds.observe(float(fields.get("latency_ms", 0.0)) / 1000)
-        if fields.get("failure") == "domain_lookup":
-            self.domain_lookup_failures.inc()
-        if result == "retried":
-            self.retries.labels(str(fields["attempt"])).inc()
-        elif result == "dead":
-            self.dead_letters.labels(str(fields["reason"])).inc()
-        elif isinstance(enqueued := fields.get("enqueued_at"), int | float):
-            self.enqueue_to_delivery.observe(max(time.time() - enqueued, 0.0))
+    def observe(self, outcomes: Iterable[Outcome]) -> None:
+        """Count recorded outcomes (a settled batch, as the worker reports it)."""
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        now = time.time()
+        for outcome in outcomes:
+            if outcome.event == "parked":
+                self.parked.labels(_park_cause(outcome.fields.get("why"))).inc()
+                continue
+            result = _RESULTS[outcome.event]
+            attempt = outcome.attempt
+            status = None if attempt is None else attempt.status
+            counts[result, _status_class(status)] += 1
+            if attempt is not None and (status is not None or attempt.failure in _SENT):
+                self.put_seconds.observe(attempt.latency)
+            if result == "delivered":
+                enqueued = outcome.message and outcome.message.get("enqueuedAt")
+                if isinstance(enqueued, int | float):
+                    self.enqueue_to_delivery.observe(max(now - enqueued, 0.0))
+                continue
+            if attempt is not None and attempt.failure == "domain_lookup":
+                self.domain_lookup_failures.inc()
+            if result == "retried":
+                self.retries.labels(str(outcome.fields["attempt"])).inc()
+            else:
+                self.dead_letters.labels(str(outcome.fields["reason"])).inc()
+        # One increment per series a batch: each takes a lock.
+        for labels, count in counts.items():
+            self._outcome(*labels).inc(count)
 
     def observe_dropped(self, dropped: Dropped) -> None:
         self.dropped.labels("max_len").inc(len(dropped.by_len))
@@ -179,6 +195,42 @@ class Metrics:
         self.busy_sessions.set(snapshot.busy_sessions)
         self.oldest_pending.set(snapshot.oldest_pending_age or 0.0)
         self.live_workers.set(snapshot.live_workers)
+
+
+class Tally(Collector):
+    """A histogram counted in plain ints, read into the exposition on a scrape.
+
+    prometheus_client's ``Histogram.observe`` takes a lock per value and walks the
+    buckets in Python; a worker observes two values a message, all from its event loop's
+    thread: a bisect and two additions do (measured: 0.24 µs against 1.9 µs a value).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = [float(b) for b in buckets if b != float("inf")]
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self._les = [_go_float(b) for b in self.bounds] + ["+Inf"]
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound counts in that bound's bucket (le=).
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterable[Metric]:
+        buckets = list(zip(self._les, itertools.accumulate(self.counts), strict=True))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, self.sum)
+        return [family]
 
 
 def _status_class(status: object) -> str:

@@ -34,11 +34,24 @@ from forwarder.queue import Claimed, Settlement
 
 @dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
 class Outcome:
-    """A settlement plus the stable log event (and its fields) that reports it."""
+    """A settlement, plus what reports it: a stable log event and its fields, and for the
+    metrics the message and the attempt behind it (None where there is none)."""
 
     settlement: Settlement
     event: Literal["delivered", "retry_scheduled", "dead_lettered", "parked"]
-    fields: dict[str, Any]
+    # The log line's fields; None for a delivery, whose fields are built only when its
+    # line is written (a busy worker logs no ack lines: a dict each would be waste).
+    details: dict[str, Any] | None
+    message: dict[str, Any] | None = None
+    attempt: Attempt | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        if self.details is not None:
+            return self.details
+        assert self.message is not None
+        assert self.attempt is not None
+        return _attempt_fields(self.message, self.attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,18 +78,11 @@ def after_attempt(
         return parked(
             claimed, message, min(wait, policy.max_retry_after), attempt.describe, attempt
         )
-    number = attempts + 1
-    fields: dict[str, Any] = {
-        "id": message["id"],
-        "account": message["accountId"],
-        "status": attempt.status,
-        "attempt": number,
-        "latency_ms": round(attempt.latency * 1000, 1),
-        "enqueued_at": message.get("enqueuedAt"),
-    }
     status = attempt.status
     if status is not None and 200 <= status < 300:
-        return Outcome(Settlement("ack", claimed.token), "delivered", fields)
+        return Outcome(Settlement("ack", claimed.token), "delivered", None, message, attempt)
+    number = attempts + 1
+    fields = _attempt_fields(message, attempt)
     if status is not None and 400 <= status < 500:
         return _dead(claimed, message, attempt, number, "client_error", fields)
     fields["failure"] = attempt.describe
@@ -85,9 +91,8 @@ def after_attempt(
     delay = policy.delays[number - 1]
     retry = {**message, "attempts": number, "lastError": attempt.describe}
     fields["delay"] = delay
-    return Outcome(
-        Settlement("retry", claimed.token, orjson.dumps(retry), delay), "retry_scheduled", fields
-    )
+    settlement = Settlement("retry", claimed.token, orjson.dumps(retry), delay)
+    return Outcome(settlement, "retry_scheduled", fields, message, attempt)
 
 
 def parked(
@@ -112,7 +117,7 @@ def parked(
         fields["status"] = attempt.status
         fields["latency_ms"] = round(attempt.latency * 1000, 1)
     settlement = Settlement("retry", claimed.token, orjson.dumps(waiting), delay)
-    return Outcome(settlement, "parked", fields)
+    return Outcome(settlement, "parked", fields, message, attempt)
 
 
 def invalid(claimed: Claimed, errors: list[str]) -> Outcome:
@@ -155,4 +160,16 @@ def _dead(
     fields["reason"] = reason
     if error is not None:
         fields["internal_code"] = error["internalCode"]
-    return Outcome(Settlement("dead", claimed.token, orjson.dumps(record)), "dead_lettered", fields)
+    settlement = Settlement("dead", claimed.token, orjson.dumps(record))
+    return Outcome(settlement, "dead_lettered", fields, message, attempt)
+
+
+def _attempt_fields(message: dict[str, Any], attempt: Attempt) -> dict[str, Any]:
+    return {
+        "id": message["id"],
+        "account": message["accountId"],
+        "status": attempt.status,
+        "attempt": int(message.get("attempts", 0)) + 1,
+        "latency_ms": round(attempt.latency * 1000, 1),
+        "enqueued_at": message.get("enqueuedAt"),
+    }

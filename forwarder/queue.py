@@ -54,6 +54,13 @@ local function record(inflight, base, items)
   if #pairs_ > 0 then redis.call('HSET', inflight, unpack(pairs_)) end
   return pairs_
 end
+-- The claim numbers in a space-separated list (one argument: packing each number as an
+-- argument of its own cost the client more than the rest of a settle).
+local function numbers(list)
+  local out = {}
+  for n in string.gmatch(list, '%d+') do out[#out + 1] = n end
+  return out
+end
 -- A claim is sent again with the same numbers when its reply was lost (by the client's
 -- retry or the worker's): what the first run recorded is returned again, not
 -- overwritten by a second batch. nil if that run recorded nothing.
@@ -155,20 +162,20 @@ return record(KEYS[2], base, out)
 """
 )
 
-# KEYS: inflight, delayed, dead. ARGV: ack count A, A claim numbers, then repeated
-# (op, claim number, payload, delay) for retries and dead letters.
+# KEYS: inflight, delayed, dead. ARGV: the acked claim numbers, space-separated, then
+# repeated (op, claim number, payload, delay) for retries and dead letters.
 # A retry or dead letter whose message is no longer in flight was given back by a
 # worker that took this one for dead: it is dropped (0) so the message is not doubled.
 # Returns {acks recorded, 1 or 0 per other outcome}.
 _SETTLE = (
     _LIB
     + """
-local acks = tonumber(ARGV[1])
+local acks = numbers(ARGV[1])
 local out = {0}
-if acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(ARGV, 2, acks + 1)) end
-local t = (#ARGV > acks + 1) and now() or 0
+if #acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(acks)) end
+local t = (#ARGV > 1) and now() or 0
 local retries, dead = {}, {}
-for i = acks + 2, #ARGV, 4 do
+for i = 2, #ARGV, 4 do
   local kept = redis.call('HDEL', KEYS[1], ARGV[i + 1])
   if kept == 1 and ARGV[i] == 'retry' then
     retries[#retries + 1] = t + tonumber(ARGV[i + 3])
@@ -191,7 +198,6 @@ _SETTLE_ORDERED = (
     + _TURNS
     + """
 local t = now()
-local acks = tonumber(ARGV[2])
 local out = {0}
 local function settle(op, token, payload, delay)
   local raw = redis.call('HGET', KEYS[1], token)
@@ -205,8 +211,8 @@ local function settle(op, token, payload, delay)
   pass_turn(KEYS[4], ARGV[1], KEYS[5], raw, op, payload, t)
   return 1
 end
-for i = 3, acks + 2 do out[1] = out[1] + settle('ack', ARGV[i], '', 0) end
-for i = acks + 3, #ARGV, 4 do
+for _, token in ipairs(numbers(ARGV[2])) do out[1] = out[1] + settle('ack', token, '', 0) end
+for i = 3, #ARGV, 4 do
   out[#out + 1] = settle(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end
 return out
@@ -403,8 +409,8 @@ class Queue:
         Returns how many acks were recorded, and for each retry or dead letter whether
         it was (False: the message had been given back meanwhile, so it is not doubled).
         """
-        acks = [s.token for s in settlements if s.op == "ack"]
-        args: list[bytes | str | float] = [len(acks), *acks]
+        acks = " ".join([str(s.token) for s in settlements if s.op == "ack"])
+        args: list[bytes | str | float] = [acks]
         for s in settlements:
             if s.op != "ack":
                 args += [s.op, s.token, s.payload, s.delay]

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         "its in-flight messages go back to the queue",
     )
     claim_batch: int = Field(
-        default=64,
+        default=256,
         ge=1,
         le=1000,
         description="most messages taken per claim round trip; a worker holds at most "

@@ -13,11 +13,13 @@ from typing import Any
 import aiohttp
 import orjson
 import structlog
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from forwarder.embedded import RedisServer, free_port
-from forwarder.metrics import LAG_TICK, Listener, Metrics, listening
+from forwarder.metrics import LAG_TICK, Listener, Metrics, Tally, listening
 from forwarder.outcome import Outcome
 from forwarder.queue import Keys, Queue, Settlement
 from forwarder.settings import Settings
@@ -245,9 +247,10 @@ async def test_port_zero_means_no_listener(redis_url: str, redis_client: Redis) 
 
 def test_parked_messages_are_counted_by_cause() -> None:
     metrics = Metrics()
-    for why in ("http_429", "circuit_open", "http_503"):
-        parked = Outcome(Settlement("retry", 1, b"{}", 1.0), "parked", {"id": "x", "why": why})
-        metrics.observe(parked)
+    metrics.observe(
+        Outcome(Settlement("retry", 1, b"{}", 1.0), "parked", {"id": "x", "why": why})
+        for why in ("http_429", "circuit_open", "http_503")
+    )
     samples = {
         s.labels["cause"]: s.value
         for family in metrics.parked.collect()
@@ -255,6 +258,28 @@ def test_parked_messages_are_counted_by_cause() -> None:
         if s.name.endswith("_total")
     }
     assert samples == {"rate_limited": 1, "circuit_open": 1, "probe_failed": 1}
+
+
+def test_a_tally_exposes_what_a_prometheus_histogram_does() -> None:
+    values = [0.0, 0.005, 0.0051, 0.3, 2.5, 9.99, 10.0, 10.5, 1e9]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    tally = Tally("t_seconds", "help", Histogram.DEFAULT_BUCKETS, registry=ours)
+    histogram = Histogram("t_seconds", "help", registry=theirs)
+    for value in values:
+        tally.observe(value)
+        histogram.observe(value)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, str, float]]:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, s.labels.get("le", ""), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours) == samples(theirs)
+    assert ("t_seconds_bucket", "10.0", 7) in samples(ours)  # a value on a bound counts there
 
 
 async def _llen_is(redis: Redis, key: str, n: int) -> bool:
