@@ -91,7 +91,7 @@ def after_attempt(
     delay = policy.delays[number - 1]
     retry = {**message, "attempts": number, "lastError": attempt.describe}
     fields["delay"] = delay
-    settlement = Settlement("retry", claimed.token, orjson.dumps(retry), delay)
+    settlement = Settlement("retry", claimed.token, orjson.dumps(retry), delay, time.monotonic())
     return Outcome(settlement, "retry_scheduled", fields, message, attempt)
 
 
@@ -116,7 +116,7 @@ def parked(
     if attempt is not None:
         fields["status"] = attempt.status
         fields["latency_ms"] = round(attempt.latency * 1000, 1)
-    settlement = Settlement("retry", claimed.token, orjson.dumps(waiting), delay)
+    settlement = Settlement("retry", claimed.token, orjson.dumps(waiting), delay, time.monotonic())
     return Outcome(settlement, "parked", fields, message, attempt)
 
 

@@ -11,6 +11,7 @@ workers' clocks never need to agree.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -328,13 +329,16 @@ class Settlement:
     """The recorded outcome of one in-flight message (by its claim number).
 
     ``payload`` is the re-enqueued message for a retry, the dead-letter record for a
-    dead letter, and empty for an ack.
+    dead letter, and empty for an ack. A retry is due ``delay`` seconds after
+    ``decided`` (``time.monotonic()`` when the outcome was decided; None: when
+    recorded), however long the worker took to record it.
     """
 
     op: Op
     token: int
     payload: bytes = b""
     delay: float = 0.0
+    decided: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,9 +415,13 @@ class Queue:
         """
         acks = " ".join([str(s.token) for s in settlements if s.op == "ack"])
         args: list[bytes | str | float] = [acks]
+        now = time.monotonic()
         for s in settlements:
             if s.op != "ack":
-                args += [s.op, s.token, s.payload, s.delay]
+                # Outcomes wait to be recorded in batches (and through a Redis outage):
+                # that wait comes off the delay, so a retry fires when it was due.
+                waited = 0.0 if s.decided is None else now - s.decided
+                args += [s.op, s.token, s.payload, max(s.delay - waited, 0.0)]
         keys = [self._inflight, self.keys.delayed, self.keys.dead]
         if self._ordered:
             keys += [self.keys.sessions, self.keys.queue]
