@@ -99,6 +99,8 @@ class Worker:
         self._refill = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()
+        # Set when the recorder records a retry (and at closing): the promoter looks again.
+        self._retries_recorded = asyncio.Event()
         self._results = _Results()
         self.metrics = Metrics()
         self.retention = Retention(redis, settings)
@@ -150,6 +152,7 @@ class Worker:
             # The loops end on this flag, not by cancellation: a cancel that lands in a
             # Redis call can be swallowed by the client, and then the loop never ends.
             self._closing.set()
+            self._retries_recorded.set()
             recorder.cancel()  # idle by now, unless Redis has been down since the stop
             await asyncio.gather(*background, *consumers, return_exceptions=True)
             await self._release()
@@ -307,6 +310,8 @@ class Worker:
         acks = 0
         recorded = []
         for result in batch:
+            if result.settlement.op == "retry":
+                self._retries_recorded.set()
             if result.settlement.op == "ack":
                 acks += 1
                 if log_acks:
@@ -346,10 +351,13 @@ class Worker:
                 log.warning("worker_recovered", worker=self.id, dead_worker=dead, returned=count)
 
     async def _promote(self) -> None:
-        # A retry scheduled after a pass is due no sooner than the shortest delay, so
-        # sleeping until the next known due time (or that horizon) misses nothing.
+        # Sleeps until the next known due time, or until a retry is recorded: that one
+        # may be due sooner (its delay counts from when it was decided, and it may have
+        # waited to be recorded). The horizon only bounds a sleep with nothing due.
         horizon = min([*self.settings.retry_delays, 1.0])
         while not self._closing.is_set():
+            # Cleared before the pass: a retry recorded during it ends the next sleep.
+            self._retries_recorded.clear()
             try:
                 promoted = await self.queue.promote()
             except REDIS_DOWN as exc:
@@ -359,7 +367,10 @@ class Worker:
             wake = promoted.now + max(horizon, 0.05)
             if promoted.next_due is not None:
                 wake = min(wake, promoted.next_due)
-            await self._nap(max(wake - promoted.now, 0.002))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._retries_recorded.wait(), max(wake - promoted.now, 0.002)
+                )
 
 
 @dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
