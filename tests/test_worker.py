@@ -353,3 +353,20 @@ async def test_the_real_5_10_15_second_policy(
         assert delay <= gap < delay + 0.1
     [record] = await dead_records(redis_client)
     assert (record["reason"], record["attempts"]) == ("retries_exhausted", 4)
+
+
+async def test_a_retry_recorded_late_still_fires_when_due(
+    redis_url: str, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recorder holds the failure for 0.9 s; the retry is due 1 s after the failure,
+    # 0.1 s after it is recorded. The promoter's pass about 1 s after start (0.7 s after
+    # the failure) saw nothing due and would sleep another second: recording the retry
+    # must wake it, or the retry fires ~0.7 s late.
+    monkeypatch.setattr(worker_module, "SETTLE_LINGER", 0.9)
+    async with running(fast_settings(redis_url, standin, retry_delays=(1.0,))):
+        await asyncio.sleep(0.3)
+        await enqueue(redis_url, update("flaky1-late"))
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 5)
+    failed, retried = standin.requests
+    assert failed.status == 503
+    assert retried.at - failed.at == pytest.approx(1.0, abs=0.3)
