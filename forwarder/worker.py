@@ -310,8 +310,6 @@ class Worker:
         acks = 0
         recorded = []
         for result in batch:
-            if result.settlement.op == "retry":
-                self._retries_recorded.set()
             if result.settlement.op == "ack":
                 acks += 1
                 if log_acks:
@@ -324,16 +322,19 @@ class Worker:
                 log.debug(result.event, **result.fields)
             else:
                 log.info(result.event, **result.fields)
+            if result.settlement.op == "retry":
+                self._retries_recorded.set()  # retried or parked: the promoter looks again
             recorded.append(result)
         self.metrics.observe(recorded)
         if acked < acks:
             # Given back while being delivered: another worker will deliver them again.
             log.warning("acks_orphaned", worker=self.id, count=acks - acked)
 
-    async def _nap(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less if the worker is closing."""
+    async def _nap(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """Sleep ``seconds``, or less once ``wake`` is set (by default: the worker is
+        closing; any other event given must be set at closing too)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
+            await asyncio.wait_for((wake or self._closing).wait(), seconds)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -367,10 +368,7 @@ class Worker:
             wake = promoted.now + max(horizon, 0.05)
             if promoted.next_due is not None:
                 wake = min(wake, promoted.next_due)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._retries_recorded.wait(), max(wake - promoted.now, 0.002)
-                )
+            await self._nap(max(wake - promoted.now, 0.002), self._retries_recorded)
 
 
 @dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
