@@ -415,17 +415,25 @@ def run_forwarder(
     probe: dict[str, str] | None = None,
     label: str | None = None,
     settings: dict[str, str] | None = None,
+    wrap: Sequence[str] = (),
+    slow: float = 1.0,
 ) -> dict[str, Any]:
     """Idle worker(s) first, then one LPUSH of all N; timed by the API's clock.
 
     ``probe``: run the worker through :mod:`bench.worker_probe` with these BENCH_* knobs.
     ``settings``: FORWARDER_* variables for the worker (e.g. session ordering).
+    ``wrap``: a command to run the worker under, which makes it ``slow`` times slower
+    (every wait is stretched by that much).
     """
     n = len(wire)
     env.fresh()
     env.wait_quiet()
     workers = env.start_workers(
-        processes, probe=probe is not None, extra={**(probe or {}), **(settings or {})}
+        processes,
+        probe=probe is not None,
+        extra={**(probe or {}), **(settings or {})},
+        wrap=wrap,
+        ready_timeout=60.0 * slow,
     )
     roots = [w.pid for w in workers]
     spy: subprocess.Popen[bytes] | None = None
@@ -443,8 +451,8 @@ def run_forwarder(
         load = Load(env, roots)
         pushed_at = time.time()
         env.r.lpush(QUEUE_KEY, *wire)
-        stats = _wait_count(env, n, timeout=max(120.0, n / 200), watch=workers)
-        wait_for(lambda: env.settled(keys), 60, "the queue to settle", interval=0.005)
+        stats = _wait_count(env, n, timeout=max(120.0, n / 200) * slow, watch=workers)
+        wait_for(lambda: env.settled(keys), 60 * slow, "the queue to settle", interval=0.005)
         settled_at = time.time()
         used = load.stop()
         cpu, api_cpu, redis_cpu = used["roots"], used["api"], used["redis"]
@@ -456,7 +464,7 @@ def run_forwarder(
     finally:
         if spy is not None:
             _stop_py_spy(spy)
-        codes = env.stop_workers(workers)
+        codes = env.stop_workers(workers, timeout=30.0 * slow)
     elapsed = stats["target_at"] - stats["first_at"]
     total_calls = sum(calls.values())
     return {

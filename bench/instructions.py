@@ -19,8 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.harness import PY, QUEUE_KEY, ROOT, Env, _wait_count, wire_messages
-from bench.procs import wait_for
+from bench.harness import PY, ROOT, Env, run_forwarder, wire_messages
 
 # Valgrind runs Python some 50 times slower: start-up alone takes tens of seconds.
 SLOW = 50
@@ -50,18 +49,9 @@ def ceiling(env: Env, n: int, out: Path) -> int:
 
 
 def forwarder(env: Env, n: int, out: Path) -> int:
-    env.fresh()
-    [worker] = env.start_workers(1, wrap=callgrind(out), ready_timeout=60.0 * SLOW)
-    try:
-        env.control.reset(n)
-        keys = env.inflight_keys()
-        env.r.lpush(QUEUE_KEY, *wire_messages(n))
-        _wait_count(env, n, timeout=n / 20, watch=[worker])
-        wait_for(lambda: env.settled(keys), 60, "the queue to settle", interval=0.05)
-    finally:
-        [code] = env.stop_workers([worker], timeout=30.0 * SLOW)
-    if code != 0:
-        raise RuntimeError(f"worker under callgrind failed ({code}):\n{worker.log_tail()}")
+    result = run_forwarder(env, wire_messages(n), 1, wrap=callgrind(out), slow=SLOW)
+    if result["exit_codes"] != [0]:
+        raise RuntimeError(f"worker under callgrind failed ({result['exit_codes']})")
     return total_instructions(out)
 
 
