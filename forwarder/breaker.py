@@ -44,7 +44,7 @@ class _Host:
     state: State = "closed"
     cooldown: float = 0.0
     reopen_at: float = 0.0
-    paused_until: float = 0.0
+    paused_until: float = 0.0  # 0: not paused
 
 
 class Breakers:
@@ -76,11 +76,14 @@ class Breakers:
     def admit(self, host: str) -> Admission:
         """May a request go to ``host`` now? At most one probe while half open."""
         h = self._get(host)
-        now = self._clock()
-        if h.paused_until > now:
-            return Admission(h.paused_until - now + _jitter(1.0))
+        if h.paused_until:
+            now = self._clock()
+            if h.paused_until > now:
+                return Admission(h.paused_until - now + _jitter(1.0))
+            h.paused_until = 0.0  # over: the common case below needs no clock
         if h.state == "closed":
             return _GO
+        now = self._clock()
         if h.state == "open" and now >= h.reopen_at:
             self._set(host, h, "half_open")
             return Admission(None, probe=True)
@@ -109,7 +112,11 @@ class Breakers:
         if len(results) == results.maxlen:
             h.failures -= results[0]  # about to fall out of the window
         results.append(failed)
-        h.failures += failed
+        # A success can only open the breaker as the one that reaches min_calls.
+        if failed:
+            h.failures += 1
+        elif len(results) != self._min_calls:
+            return
         if len(results) >= self._min_calls and h.failures >= self._ratio * len(results):
             self._open(host, h, self._cooldown)
 

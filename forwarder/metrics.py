@@ -51,6 +51,7 @@ _RESULTS = {"delivered": "delivered", "retry_scheduled": "retried", "dead_letter
 _STATUS_CLASSES = ("2xx", "4xx", "5xx", "none")
 # Failures that happen after a request was sent: only those have a PUT latency.
 _SENT = frozenset({"timeout", "connection"})
+_NUMBER = (int, float)
 # The exposition's spelling of a bucket bound (prometheus_client leaves it untyped).
 _go_float: Callable[[float], str] = floatToGoString
 _ENQUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 21600)
@@ -149,31 +150,46 @@ class Metrics:
     def observe(self, outcomes: Iterable[Outcome]) -> None:
         """Count recorded outcomes (a settled batch, as the worker reports it)."""
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        now = time.time()
+        latencies: list[float] = []
+        enqueued: list[object] = []
         for outcome in outcomes:
-            if outcome.event == "parked":
-                self.parked.labels(_park_cause(outcome.fields.get("why"))).inc()
-                continue
-            result = _RESULTS[outcome.event]
-            attempt = outcome.attempt
-            status = None if attempt is None else attempt.status
-            counts[result, _status_class(status)] += 1
-            if attempt is not None and (status is not None or attempt.failure in _SENT):
-                self.put_seconds.observe(attempt.latency)
-            if result == "delivered":
-                enqueued = outcome.message and outcome.message.get("enqueuedAt")
-                if isinstance(enqueued, int | float):
-                    self.enqueue_to_delivery.observe(max(now - enqueued, 0.0))
-                continue
-            if attempt is not None and attempt.failure == "domain_lookup":
-                self.domain_lookup_failures.inc()
-            if result == "retried":
-                self.retries.labels(str(outcome.fields["attempt"])).inc()
+            attempt, message = outcome.attempt, outcome.message
+            if outcome.event == "delivered" and attempt is not None and message is not None:
+                # Nearly every outcome of a busy worker: gathered, counted once a batch.
+                latencies.append(attempt.latency)
+                enqueued.append(message.get("enqueuedAt"))
             else:
-                self.dead_letters.labels(str(outcome.fields["reason"])).inc()
+                self._observe_other(outcome, counts, latencies)
+        if enqueued:
+            counts["delivered", "2xx"] += len(enqueued)
+        now = time.time()
+        self.put_seconds.observe_many(latencies)
+        self.enqueue_to_delivery.observe_many([now - e for e in enqueued if isinstance(e, _NUMBER)])
         # One increment per series a batch: each takes a lock.
         for labels, count in counts.items():
             self._outcome(*labels).inc(count)
+
+    def _observe_other(
+        self,
+        outcome: Outcome,
+        counts: collections.Counter[tuple[str, str]],
+        latencies: list[float],
+    ) -> None:
+        if outcome.event == "parked":
+            self.parked.labels(_park_cause(outcome.fields.get("why"))).inc()
+            return
+        result = _RESULTS[outcome.event]
+        attempt = outcome.attempt
+        status = None if attempt is None else attempt.status
+        counts[result, _status_class(status)] += 1
+        if attempt is not None and (status is not None or attempt.failure in _SENT):
+            latencies.append(attempt.latency)
+        if attempt is not None and attempt.failure == "domain_lookup":
+            self.domain_lookup_failures.inc()
+        if result == "retried":
+            self.retries.labels(str(outcome.fields["attempt"])).inc()
+        elif result == "dead":
+            self.dead_letters.labels(str(outcome.fields["reason"])).inc()
 
     def observe_dropped(self, dropped: Dropped) -> None:
         self.dropped.labels("max_len").inc(len(dropped.by_len))
@@ -202,7 +218,7 @@ class Tally(Collector):
 
     prometheus_client's ``Histogram.observe`` takes a lock per value and walks the
     buckets in Python; a worker observes two values a message, all from its event loop's
-    thread: a bisect and two additions do (measured: 0.24 µs against 1.9 µs a value).
+    thread, a batch at a time: a sort and a bisect per bucket do.
     """
 
     def __init__(
@@ -221,10 +237,21 @@ class Tally(Collector):
         self.sum = 0.0
         registry.register(self)
 
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound counts in that bound's bucket (le=).
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe_many(self, values: list[float]) -> None:
+        """Count each of ``values`` (sorted in place); a negative one counts as 0 (an
+        age across two clocks can come out below 0)."""
+        if not values:
+            return
+        values.sort()
+        # A batch costs a bisect per bucket, not one per value.
+        self.sum += sum(values[bisect.bisect_left(values, 0.0) :])
+        counts, done = self.counts, 0
+        for i, bound in enumerate(self.bounds):
+            # bisect_right: a value equal to a bound counts in that bound's bucket (le=).
+            upto = bisect.bisect_right(values, bound)
+            counts[i] += upto - done
+            done = upto
+        counts[-1] += len(values) - done
 
     def collect(self) -> Iterable[Metric]:
         buckets = list(zip(self._les, itertools.accumulate(self.counts), strict=True))

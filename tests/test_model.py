@@ -492,6 +492,19 @@ def test_bad_visitor_and_session_ids_are_rejected(field: str, value: object) -> 
     assert error.startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize("field", ["visitorId", "sessionId"])
+@pytest.mark.parametrize("raw_id", [b'"v\\u0001"', b'"v\\t"', b'"v\x7f"', b'"v\xc2\x85"'])
+def test_control_characters_in_ids_are_refused_however_the_json_spells_them(
+    field: str, raw_id: bytes
+) -> None:
+    # Escaped (C0), as is (DEL), as UTF-8 (C1): each takes the decoder with the pattern.
+    raw = orjson.dumps(message(**{field: "PLACEHOLDER"})).replace(b'"PLACEHOLDER"', raw_id)
+    with pytest.raises(InvalidMessage, match=field):
+        decode(raw, 1 << 20)
+    printable = raw.replace(raw_id, '"v\u00e9\u00a3"'.encode())  # é and £ (0xC2 0xA3) pass
+    assert decode(printable, 1 << 20)[field] == "v\u00e9\u00a3"
+
+
 def test_unknown_envelope_field_is_rejected() -> None:
     msg = message()
     msg["sesionId"] = msg.pop("sessionId")
