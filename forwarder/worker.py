@@ -239,6 +239,8 @@ class Worker:
         """Deliver claimed messages one after another until the worker stops."""
         batch = self.settings.claim_batch
         ready = self._ready
+        client = self.client
+        fixed_host = client.fixed_base_url
         # Once stopping, what is left stays in this worker's in-flight record: the
         # release gives it back.
         while not self._stopping.is_set():
@@ -250,13 +252,12 @@ class Worker:
             started = time.perf_counter()
             try:
                 # Awaited here, not in a helper coroutine: see update_session.
-                account = job.message["accountId"]
-                host = self.client.fixed_base_url or await self.client.base_url(account)
+                host = fixed_host or await client.base_url(job.message["accountId"])
                 refused = self._refused(job, host)
                 if refused is not None:
                     result = refused
                 else:
-                    attempt = await self.client.update_session(host, job.put)
+                    attempt = await client.update_session(host, job.put)
                     result = self._after(job, host, attempt)
             except DomainLookupError:
                 attempt = Attempt(None, 0.0, failure="domain_lookup")
@@ -310,19 +311,22 @@ class Worker:
         acks = 0
         recorded = []
         for result in batch:
-            if result.settlement.op == "ack":
+            op = result.settlement.op
+            if op == "ack":
                 acks += 1
                 if log_acks:
                     log.info(result.event, **result.fields)
-            elif not next(kept):
+                recorded.append(result)
+                continue
+            if not next(kept):
                 log.warning("settle_orphaned", event_dropped=result.event, **result.fields)
                 continue
-            elif result.event == "parked":
+            if result.event == "parked":
                 # Parking repeats every cool-down for a whole outage: not worth a line each.
                 log.debug(result.event, **result.fields)
             else:
                 log.info(result.event, **result.fields)
-            if result.settlement.op == "retry":
+            if op == "retry":
                 self._retries_recorded.set()  # retried or parked: the promoter looks again
             recorded.append(result)
         self.metrics.observe(recorded)
