@@ -102,8 +102,9 @@ class EngagementClient:
             return self._base
         return f"{self._scheme}://{await self._domains.host(account_id)}"
 
-    def prepare(self, message: dict[str, Any]) -> Put:
-        """The Update Session call of ``message`` (a validated wire message), but its host."""
+    def prepare(self, message: dict[str, Any], body: bytes) -> Put:
+        """The Update Session call of ``message`` (a validated wire message) with ``body``
+        (its body, as the producer wrote it), but its host."""
         # Path parts are percent-encoded with no safe characters: a visitor id can never
         # add a path segment or a query.
         return Put(
@@ -111,7 +112,7 @@ class EngagementClient:
             f"/api/account/{message['accountId']}"
             f"/app/engagement/visitors/{_quote(message['visitorId'])}",
             f"v={API_VERSION}&sid={_quote(message['sessionId'])}",
-            orjson.dumps(message["body"]),
+            body,
         )
 
     async def update_session(self, base: str, put: Put) -> Attempt:

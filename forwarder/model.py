@@ -26,6 +26,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeAlias, Union, cast, get_args
 
@@ -470,12 +471,6 @@ class SessionUpdate(BaseModel):
 
     model_config = ConfigDict(**_WIRE_CONFIG, extra="forbid")
 
-    id: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=128,
-        description="Producer-chosen message id, for tracing; optional.",
-    )
     account_id: str = Field(
         pattern=r"^[A-Za-z0-9_]{1,20}$", description="LivePerson account (site) id."
     )
@@ -492,6 +487,13 @@ class SessionUpdate(BaseModel):
         description="Session id returned by Create Session.",
     )
     body: UpdateSessionBody = Field(description="Update Session request body, sent as is.")
+    # In the order the producer writes them: the worker's fast path expects that order.
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Producer-chosen message id, for tracing; optional.",
+    )
     enqueued_at: float | None = Field(
         default=None, description="When the message was first pushed, in Unix seconds."
     )
@@ -568,7 +570,8 @@ class InvalidMessage(ValueError):
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
-    """Parse a JSON object, refusing duplicate keys (parsers disagree on which one wins)."""
+    """Parse a JSON object, refusing a key given twice at its top level (parsers disagree
+    on which one wins); inside, as in the body, that is left to the body's reader."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -577,26 +580,31 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise InvalidMessage(["(root): a wire message must be a JSON object"])
     # Compact JSON (what orjson and our producer write) that re-serializes to the same
     # bytes cannot have had a duplicate key; anything else gets the slower check.
-    if orjson.dumps(data) != raw:
+    try:
+        canonical = orjson.dumps(data) == raw
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255)
+        canonical = False
+    if not canonical:
         _check_duplicate_keys(raw)
     return data
 
 
 def _check_duplicate_keys(raw: bytes) -> None:
+    closed: list[list[str]] = []
+
     def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise InvalidMessage([f"(root): duplicate key {key!r}"])
-            seen.add(key)
+        closed.append([key for key, _ in pairs])
         return dict(pairs)
 
     try:
         json.loads(raw, object_pairs_hook=pairs_hook)
-    except InvalidMessage:
-        raise
     except (RecursionError, ValueError) as exc:
         raise InvalidMessage([f"(root): not valid JSON ({type(exc).__name__})"]) from None
+    seen: set[str] = set()
+    for key in closed[-1]:  # the top level closes last
+        if key in seen:
+            raise InvalidMessage([f"(root): duplicate key {key!r}"])
+        seen.add(key)
 
 
 # --- the fast validator -----------------------------------------------------------------
@@ -630,11 +638,20 @@ _SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": boo
 class _Translation:
     """The msgspec type of a core schema, Structs shared between the places that use them."""
 
-    def __init__(self, schema: CoreSchema, implied: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        model: type[BaseModel],
+        implied: frozenset[str] = frozenset(),
+        *,
+        closed: bool = False,
+        raw: frozenset[str] = frozenset(),
+    ) -> None:
         self._implied = implied  # patterns the caller checks by other means
+        self._closed = closed  # unknown fields refused, also where the models allow them
+        self._root, self._raw = model, raw  # the root's fields kept as their JSON text
         self._definitions: dict[str, Any] = {}
         self._structs: dict[tuple[str, str | None], type[msgspec.Struct]] = {}
-        self.type = self.of(schema)
+        self.type = self.of(model.__pydantic_core_schema__)
 
     def of(self, node: Any) -> Any:
         kind = node["type"]
@@ -685,11 +702,14 @@ class _Translation:
             raise TypeError(f"{model['cls'].__name__}: no msgspec translation for {unknown}")
         members: list[tuple[str, Any] | tuple[str, Any, Any]] = []
         rename: dict[str, str] = {}
+        raw = self._raw if model["cls"] is self._root else frozenset()
         for name, field in fields["fields"].items():
             if tag is not None and name == tag[0]:
                 continue  # the Struct's tag checks it
             schema = field["schema"]
-            if schema["type"] == "default":
+            if name in raw:
+                members.append((name, msgspec.Raw))
+            elif schema["type"] == "default":
                 if "validate_default" in schema or "on_error" in schema:
                     raise TypeError(f"{name}: no msgspec translation for its default")
                 members.append((name, self.of(schema["schema"]), None))
@@ -702,7 +722,9 @@ class _Translation:
             members,
             kw_only=True,
             rename=rename,
-            forbid_unknown_fields=config.get("extra_fields_behavior") == "forbid",
+            forbid_unknown_fields=self._closed or config.get("extra_fields_behavior") == "forbid",
+            # Absent fields decode to None: encoding leaves them out, as the producer did.
+            omit_defaults=True,
             tag_field=tag[0] if tag else None,
             tag=tag[1] if tag else None,
             # Never tracked by the garbage collector: the verdict drops them at once, and
@@ -742,11 +764,15 @@ def _python_pattern(pattern: str) -> str:
 
 
 def _fast_decoder(
-    model: type[BaseModel], implied: frozenset[str] = frozenset()
+    model: type[BaseModel],
+    implied: frozenset[str] = frozenset(),
+    *,
+    closed: bool = False,
+    raw: frozenset[str] = frozenset(),
 ) -> msgspec.json.Decoder[Any]:
     if not model.model_config.get("strict"):
         raise TypeError(f"{model.__name__}: msgspec never coerces; the models must not either")
-    return msgspec.json.Decoder(_Translation(model.__pydantic_core_schema__, implied).type)
+    return msgspec.json.Decoder(_Translation(model, implied, closed=closed, raw=raw).type)
 
 
 _FAST_DECODER = _fast_decoder(SessionUpdate)
@@ -849,19 +875,82 @@ def too_large(size: int, max_bytes: int) -> str:
     return f"(root): message is {size} bytes, over the {max_bytes}-byte cap"
 
 
-def decode(raw: bytes, max_bytes: int) -> dict[str, Any]:
-    """Parse and validate one queue element of at most ``max_bytes``.
+@dataclass(slots=True)
+class Decoded:
+    """A valid queue element: the Update Session body to send, as the producer wrote it,
+    and the wire form, whose ``body`` is that text again (an :class:`orjson.Fragment`,
+    written out as is when the message is re-enqueued or dead-lettered)."""
 
-    Returns the parsed JSON object itself, with an ``id`` assigned when the producer gave
-    none: the worker sends the body exactly as the producer wrote it, and re-enqueues the
-    object with its bookkeeping for a retry.
-    """
+    message: dict[str, Any]
+    body: bytes
+
+
+# The worker's fast path reads each message once, with msgspec: the envelope checked and
+# the body located (kept as its JSON text), then the body checked against closed types,
+# which read every value of it. See decode.
+_BODY = frozenset({"body"})
+_ENVELOPE = _fast_decoder(SessionUpdate, raw=_BODY)
+_PLAIN_ENVELOPE = _fast_decoder(SessionUpdate, frozenset({_PRINTABLE}), raw=_BODY)
+_CLOSED_BODY = _fast_decoder(UpdateSessionBody, closed=True)
+_encode = msgspec.json.Encoder().encode
+
+
+def decode(raw: bytes, max_bytes: int) -> Decoded:
+    """Parse and validate one queue element of at most ``max_bytes``; an ``id`` is
+    assigned when the producer gave none."""
     if len(raw) > max_bytes:
         raise InvalidMessage([too_large(len(raw), max_bytes)])
-    data = parse_object(raw)
-    if data.get("id") is None:
+    envelope = _envelope(raw)
+    # The fast path takes a message msgspec writes back byte for byte (compact, in the
+    # producer's key order, no key twice, no default spelled out) whose body has only
+    # fields the models know: msgspec skips unknown ones unread (bad UTF-8, 1e999), so
+    # those bodies are read by orjson on the other path.
+    if envelope is not None and _encode(envelope) == raw and _closed_body_passes(envelope.body):
+        message = msgspec.to_builtins(envelope, builtin_types=(msgspec.Raw,))
+        body = bytes(message["body"])
+    else:
+        message = parse_object(raw)
+        verdict = _json_verdict(raw)
+        if not verdict:
+            _check_by_models(message)
+        if verdict is False:
+            # The models took what msgspec refused: a body key given twice, where the
+            # models saw only the last value and msgspec each one.
+            raise InvalidMessage([_refusal(raw)])
+        # As written where msgspec found it (a python-named key can hide it from msgspec).
+        body = bytes(envelope.body) if envelope is not None else orjson.dumps(message["body"])
+    message["body"] = orjson.Fragment(body)
+    if message.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
-        data["id"] = os.urandom(16).hex()
-    if not _json_verdict(raw):
-        _check_by_models(data)
-    return data
+        message["id"] = os.urandom(16).hex()
+    return Decoded(message, body)
+
+
+def _envelope(raw: bytes) -> Any:
+    """The message with its envelope checked and its body as JSON text (msgspec); None
+    where msgspec cannot judge it or refuses it (the slow path then says why)."""
+    if _has_python_names(raw):
+        return None
+    decoder = _ENVELOPE if _may_hold_controls(raw) else _PLAIN_ENVELOPE
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError:  # ValidationError too
+        return None
+
+
+def _refusal(raw: bytes) -> str:
+    """msgspec's error on ``raw``, as ``"<path>: <reason>"``."""
+    try:
+        _FAST_DECODER.decode(raw)
+    except msgspec.ValidationError as exc:
+        reason, _, path = str(exc).rpartition(" - at `$")
+        return f"{path.rstrip('`').lstrip('.') or '(root)'}: {reason or exc}"
+    raise AssertionError("msgspec took it this time")
+
+
+def _closed_body_passes(body: msgspec.Raw) -> bool:
+    try:
+        _CLOSED_BODY.decode(body)
+    except msgspec.DecodeError:
+        return False
+    return True

@@ -223,8 +223,9 @@ class Worker:
     def _prepare(self, claimed: Claimed) -> _Job | Outcome:
         """The claimed message, decoded and its request built; or its invalid dead letter."""
         try:
-            message = decode(claimed.raw, self.settings.max_message_bytes)
-            return _Job(claimed, message, self.client.prepare(message))
+            decoded = decode(claimed.raw, self.settings.max_message_bytes)
+            put = self.client.prepare(decoded.message, decoded.body)
+            return _Job(claimed, decoded.message, put)
         except InvalidMessage as exc:
             return outcome.invalid(claimed, exc.errors)
         except Exception as exc:

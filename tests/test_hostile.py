@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from forwarder.model import InvalidMessage, decode
+from forwarder.model import Decoded, InvalidMessage, decode
 from forwarder.producer import InvalidUpdate, encode, make_update
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
@@ -49,8 +49,8 @@ def _encoded(update: dict[str, Any]) -> bytes | list[str]:
         return exc.errors
 
 
-def _decoded(raw: bytes) -> dict[str, Any] | list[str]:
-    """The parsed message, or the worker's errors."""
+def _decoded(raw: bytes) -> Decoded | list[str]:
+    """The decoded message, or the worker's errors."""
     try:
         return decode(raw, CAP)
     except InvalidMessage as exc:
@@ -67,8 +67,8 @@ def test_the_producer_accepts_only_what_the_worker_accepts(update: dict[str, Any
         return
     assert _finite(update)
     data = _decoded(result)  # what the producer sends, the worker takes
-    assert isinstance(data, dict)
-    assert data["body"] == update["body"]
+    assert isinstance(data, Decoded)
+    assert orjson.loads(data.body) == update["body"]
 
 
 @given(
@@ -111,7 +111,10 @@ HOSTILE = [
     _envelope(b'{"pageId": NaN}'),
     _envelope(b'{"pageId": "p", "x": Infinity}'),
     _envelope(b'{"pageId": "p"}', account=b'"1", "accountId": "2"'),
-    _envelope(b'{"pageId": "p", "k": 1, "k": 2}'),
+    _envelope(b'{"pageId": 1, "pageId": "p"}'),  # each value is checked
+    # Compact, as the producer writes: fields the models do not know are read in full too.
+    _envelope(b'{"pageId":"p","x":1e999}').replace(b", ", b",").replace(b": ", b":"),
+    _envelope(b'{"pageId":"p","x":"\xff"}').replace(b", ", b",").replace(b": ", b":"),
     _envelope(b'{"pageId": "p"}', account=b'"../../evil"'),
     _envelope(b'{"pageId": "p"}', visitor=b'"v\\n"'),
     b'{"accountId": "1", "visitorId": "v", "sessionId": "s", "body": {"pageId": "'

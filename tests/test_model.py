@@ -202,6 +202,16 @@ def message(body: Any = None, **envelope: Any) -> dict[str, Any]:
     return msg
 
 
+def wire(**envelope: Any) -> bytes:
+    """A queue element as the Python producer writes it (compact, its key order)."""
+    msg = message(**envelope)
+    for default in ("attempts", "lastError", "replayed"):
+        if default not in envelope:
+            del msg[default]
+    order = ("accountId", "visitorId", "sessionId", "body", "id", "enqueuedAt")
+    return orjson.dumps({k: msg[k] for k in order if k in msg} | msg)
+
+
 def sde_message(sde: object) -> dict[str, Any]:
     return message({"pageId": "p1", "engagementAttributes": [sde]})
 
@@ -498,11 +508,11 @@ def test_control_characters_in_ids_are_refused_however_the_json_spells_them(
     field: str, raw_id: bytes
 ) -> None:
     # Escaped (C0), as is (DEL), as UTF-8 (C1): each takes the decoder with the pattern.
-    raw = orjson.dumps(message(**{field: "PLACEHOLDER"})).replace(b'"PLACEHOLDER"', raw_id)
+    raw = wire(**{field: "PLACEHOLDER"}).replace(b'"PLACEHOLDER"', raw_id)
     with pytest.raises(InvalidMessage, match=field):
         decode(raw, 1 << 20)
     printable = raw.replace(raw_id, '"v\u00e9\u00a3"'.encode())  # é and £ (0xC2 0xA3) pass
-    assert decode(printable, 1 << 20)[field] == "v\u00e9\u00a3"
+    assert decode(printable, 1 << 20).message[field] == "v\u00e9\u00a3"
 
 
 def test_unknown_envelope_field_is_rejected() -> None:
@@ -826,15 +836,52 @@ def test_python_values_are_judged_as_the_json_they_are_pushed_as() -> None:
     assert wire_errors(message(body)) is None
 
 
-def test_decode_returns_the_parsed_object_with_an_id() -> None:
-    given = message()
-    del given["id"]
+@pytest.mark.parametrize("spelled", ["as the producer writes it", "with every default", "spaced"])
+def test_decode_gives_the_wire_form_with_an_id_and_the_body_as_written(spelled: str) -> None:
+    raw = {
+        "as the producer writes it": wire(),
+        "with every default": orjson.dumps(message()),
+        "spaced": json.dumps(message(), indent=1).encode(),
+    }[spelled]
+    given = orjson.loads(raw)
 
-    data = decode(orjson.dumps(given), 1 << 20)
+    decoded = decode(raw, 1 << 20)
+    unnamed = decode(orjson.dumps({k: v for k, v in given.items() if k != "id"}), 1 << 20)
 
-    assert re.fullmatch("[0-9a-f]{32}", data.pop("id"))
-    assert data == given
-    assert decode(orjson.dumps(message()), 1 << 20) == message()
+    assert orjson.loads(orjson.dumps(decoded.message)) == given
+    assert orjson.loads(decoded.body) == given["body"]
+    assert decoded.body in raw  # the very text, spacing and all
+    assert re.fullmatch("[0-9a-f]{32}", unnamed.message["id"])
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_key_twice_is_refused_in_the_envelope_and_sent_as_written_in_the_body(
+    compact: bool,
+) -> None:
+    space = b"" if compact else b" "
+    twice = b'"accountId":' + space + b'"1",' + space
+    envelope = wire().replace(b'"accountId":', twice + b'"accountId":')
+    with pytest.raises(InvalidMessage, match="duplicate key 'accountId'"):
+        decode(envelope, 1 << 20)
+    # LivePerson parses the body: each value was checked, its parser picks one.
+    first = b'{"pageId":' + space + b'"first",' + space
+    body_twice = wire().replace(b'{"pageId":', first + b'"pageId":')
+    assert decode(body_twice, 1 << 20).body.count(b'"pageId"') == 2
+    with pytest.raises(InvalidMessage, match=r"body\.pageId: Expected `str`, got `int`"):
+        decode(body_twice.replace(b'"first"', b"1"), 1 << 20)  # both are checked
+
+
+@pytest.mark.parametrize(
+    "extra", [b'"x":1e999', b'"x":"\xff"', b'"x":"\\ud800"', b'"x":' + b"[" * 300 + b"]" * 300]
+)
+def test_a_body_field_the_models_do_not_know_is_read_in_full(extra: bytes) -> None:
+    # msgspec skips unknown fields unread: such a body is read by orjson instead.
+    raw = wire().replace(b'{"pageId":', b"{" + extra + b',"pageId":')
+    if extra.startswith(b'"x":['):
+        assert decode(raw, 1 << 20).body.startswith(b'{"x":[[[')
+        return
+    with pytest.raises(InvalidMessage, match="not valid JSON"):
+        decode(raw, 1 << 20)
 
 
 def test_decode_raises_the_models_errors() -> None:

@@ -209,7 +209,7 @@ async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
 async def test_a_crash_in_decoding_dead_letters_the_message_and_the_worker_goes_on(
     redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def decode(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    def decode(raw: bytes, max_bytes: int) -> model.Decoded:
         if b"boom-" in raw:
             raise RuntimeError("a bug")
         return model.decode(raw, max_bytes)
