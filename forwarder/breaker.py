@@ -75,7 +75,7 @@ class Breakers:
 
     def admit(self, host: str) -> Admission:
         """May a request go to ``host`` now? At most one probe while half open."""
-        h = self._get(host)
+        h = self._hosts.get(host) or self._get(host)  # twice a message: no call if known
         if h.paused_until:
             now = self._clock()
             if h.paused_until > now:
@@ -98,7 +98,7 @@ class Breakers:
     def record(self, host: str, failed: bool, *, probe: bool) -> None:
         """Count one attempt's result. Results of requests sent before the breaker
         opened are ignored while it is open: they say nothing new."""
-        h = self._get(host)
+        h = self._hosts.get(host) or self._get(host)
         if probe:
             if failed:
                 self._open(host, h, min(h.cooldown * 2, self._max_cooldown))
