@@ -13,7 +13,9 @@ Each list entry is one JSON object, a :class:`SessionUpdate` (camelCase keys)::
 The envelope is closed (unknown keys are rejected, so a typo such as ``sesionId`` fails
 loudly). Inside ``body`` every known field is type-checked without coercion (``"12"`` is not
 a number, ``true`` is not an integer), but unknown keys pass through untouched: LivePerson,
-not the forwarder, is the authority on what the body may carry.
+not the forwarder, is the authority on what the body may carry. The worker sends the body
+as the producer wrote it; a key given twice is refused in the envelope, while in the body
+each of its values is checked and LivePerson's parser picks one.
 
 Dump the body with ``model_dump(exclude_unset=True)`` to get back exactly what the producer
 sent: optional fields default to ``None``, and sending those nulls could wipe values that
