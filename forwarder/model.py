@@ -777,11 +777,28 @@ def _fast_decoder(
     return msgspec.json.Decoder(_Translation(model, implied, closed=closed, raw=raw).type)
 
 
-_FAST_DECODER = _fast_decoder(SessionUpdate)
-# The same but for the printable-ids pattern, for JSON in which no string can hold a
-# control character: nearly every message, and a fifth off the verdict's time (that
-# pattern is two of the three Python re calls a message costs).
-_PLAIN_DECODER = _fast_decoder(SessionUpdate, frozenset({_PRINTABLE}))
+@dataclass(frozen=True, slots=True)
+class _Judges:
+    """A message's msgspec translation, and the same but for the printable-ids pattern,
+    for JSON in which no string can hold a control character: nearly every message, and
+    a fifth off the verdict's time (that pattern is two of its three Python re calls)."""
+
+    full: msgspec.json.Decoder[Any]
+    plain: msgspec.json.Decoder[Any]
+
+    @classmethod
+    def of(cls, raw: frozenset[str] = frozenset()) -> _Judges:
+        full = _fast_decoder(SessionUpdate, raw=raw)
+        return cls(full, _fast_decoder(SessionUpdate, frozenset({_PRINTABLE}), raw=raw))
+
+    def judge(self, raw: bytes) -> msgspec.json.Decoder[Any] | None:
+        """The decoder for ``raw``; None where only the models can judge it."""
+        if _has_python_names(raw):
+            return None
+        return self.full if _may_hold_controls(raw) else self.plain
+
+
+_VERDICT = _Judges.of()
 
 
 # Searched for as ints: a bytes needle costs 9 times as much (CPython 3.11).
@@ -855,10 +872,11 @@ def _finite(data: object) -> bool:
 
 def _json_verdict(raw: bytes) -> bool | None:
     """The fast validator's verdict on a message's JSON; None where it cannot judge it."""
-    if _has_python_names(raw):
+    decoder = _VERDICT.judge(raw)
+    if decoder is None:
         return None
     try:
-        (_FAST_DECODER if _may_hold_controls(raw) else _PLAIN_DECODER).decode(raw)
+        decoder.decode(raw)
     except msgspec.ValidationError:
         return False
     return True
@@ -891,8 +909,7 @@ class Decoded:
 # the body located (kept as its JSON text), then the body checked against closed types,
 # which read every value of it. See decode.
 _BODY = frozenset({"body"})
-_ENVELOPE = _fast_decoder(SessionUpdate, raw=_BODY)
-_PLAIN_ENVELOPE = _fast_decoder(SessionUpdate, frozenset({_PRINTABLE}), raw=_BODY)
+_ENVELOPE = _Judges.of(raw=_BODY)
 _CLOSED_BODY = _fast_decoder(UpdateSessionBody, closed=True)
 _encode = msgspec.json.Encoder().encode
 
@@ -931,9 +948,9 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
 def _envelope(raw: bytes) -> Any:
     """The message with its envelope checked and its body as JSON text (msgspec); None
     where msgspec cannot judge it or refuses it (the slow path then says why)."""
-    if _has_python_names(raw):
+    decoder = _ENVELOPE.judge(raw)
+    if decoder is None:
         return None
-    decoder = _ENVELOPE if _may_hold_controls(raw) else _PLAIN_ENVELOPE
     try:
         return decoder.decode(raw)
     except msgspec.DecodeError:  # ValidationError too
@@ -943,7 +960,7 @@ def _envelope(raw: bytes) -> Any:
 def _refusal(raw: bytes) -> str:
     """msgspec's error on ``raw``, as ``"<path>: <reason>"``."""
     try:
-        _FAST_DECODER.decode(raw)
+        _VERDICT.full.decode(raw)
     except msgspec.ValidationError as exc:
         reason, _, path = str(exc).rpartition(" - at `$")
         return f"{path.rstrip('`').lstrip('.') or '(root)'}: {reason or exc}"
