@@ -22,7 +22,7 @@ import redis.asyncio
 
 from forwarder.connections import sync_client
 from forwarder.embedded import RedisServer, ServerNotFound, find_server_binary, free_port
-from forwarder.producer import Producer, SyncProducer, make_update
+from forwarder.producer import Producer, QueueUnavailable, SyncProducer, make_update
 from forwarder.queue import Keys, Queue
 from forwarder.standin import StandIn
 from forwarder.worker import running
@@ -100,6 +100,21 @@ class Cluster:
         finally:
             client.close()
         raise AssertionError(f"no node serves {key}")
+
+    def move(self, key: str, to: RedisServer) -> None:
+        """Give ``key``'s slot, with no keys in it, to ``to``, as a resharding does."""
+        source = self.owner(key)
+        clients = {node.port: redis.Redis(port=node.port) for node in self.nodes}
+        try:
+            slot = int(clients[to.port].cluster("keyslot", key))
+            ids = {port: c.cluster("myid") for port, c in clients.items()}
+            clients[to.port].cluster("setslot", slot, "importing", ids[source.port])
+            clients[source.port].cluster("setslot", slot, "migrating", ids[to.port])
+            for port in sorted(clients, key=lambda p: (p != to.port, p != source.port)):
+                clients[port].cluster("setslot", slot, "node", ids[to.port])
+        finally:
+            for client in clients.values():
+                client.close()
 
     def flush(self) -> None:
         for node in self.nodes:
@@ -309,3 +324,37 @@ async def test_a_large_batch_is_one_transaction_on_the_queues_node(
     finally:
         client.close()
     assert queued == ids
+
+
+async def test_a_batch_sent_to_a_moved_slots_old_owner_lands_nowhere_and_a_retry_lands(
+    fresh_cluster: Cluster,
+) -> None:
+    key = Keys("forwarder").queue
+    old = fresh_cluster.owner(key)
+    new = next(node for node in fresh_cluster.nodes if node is not old)
+    updates = [make_update("1", f"v{i}", "s", BODY) for i in range(1500)]  # several LPUSHes
+    producer = Producer.from_url(fresh_cluster.url, cluster=True)
+    sync = SyncProducer.from_url(fresh_cluster.url, cluster=True)
+    try:
+        await producer.client.initialize()  # both clients now hold the slot map
+        fresh_cluster.move(key, new)
+        with pytest.raises(QueueUnavailable) as caught:
+            sync.enqueue_many(updates)
+        assert isinstance(caught.value.__cause__, redis.exceptions.MovedError)
+        with pytest.raises(QueueUnavailable):
+            await producer.enqueue_many(updates)
+        # The refusal refreshed each client's slot map: the retry goes to the new owner.
+        ids = sync.enqueue_many(updates) + await producer.enqueue_many(updates)
+        on_new, on_old = redis.Redis(port=new.port), redis.Redis(port=old.port)
+        try:
+            queued = [orjson.loads(r)["id"] for r in reversed(on_new.lrange(key, 0, -1))]
+            assert on_old.dbsize() == 0
+        finally:
+            on_new.close()
+            on_old.close()
+        assert queued == ids
+    finally:
+        await producer.aclose()
+        sync.close()
+        fresh_cluster.flush()
+        fresh_cluster.move(key, old)

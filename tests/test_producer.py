@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any
 from unittest.mock import ANY
@@ -13,14 +15,16 @@ import redis
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from forwarder.embedded import free_port
+from forwarder.embedded import RedisServer, free_port
 from forwarder.model import SessionUpdate, UpdateSessionBody, format_errors
 from forwarder.producer import (
+    PUSH_BYTES,
     InvalidUpdate,
     Producer,
     QueueUnavailable,
     SyncProducer,
     encode,
+    encode_many,
     make_update,
 )
 from forwarder.queue import Keys
@@ -92,6 +96,119 @@ def test_sync_batch_of_ten_thousand_is_exact_and_in_order(redis_url: str) -> Non
     taken_order = [orjson.loads(r) for r in reversed(raws)]
     assert [m["id"] for m in taken_order] == ids
     assert [m["visitorId"] for m in taken_order] == [f"v{i}" for i in range(10_000)]
+
+
+# --- batches of several LPUSHes: one MULTI/EXEC streamed on one connection ------------
+
+BIG = 1500
+
+
+def _updates(n: int = BIG, tag: str = "v") -> list[dict[str, Any]]:
+    return [make_update("123", f"{tag}{i}", "s", BODY) for i in range(n)]
+
+
+def test_a_big_batch_spans_several_lpushes() -> None:
+    # What the tests below rely on: their batches stream, they are not one LPUSH.
+    assert sum(map(len, encode_many(_updates())[1])) > 3 * PUSH_BYTES
+
+
+async def _queued_visitors(client: Redis) -> list[str]:
+    return [orjson.loads(r)["visitorId"] for r in reversed(await client.lrange(QUEUE, 0, -1))]
+
+
+async def test_a_bad_update_deep_in_a_big_batch_enqueues_none_of_it(
+    redis_url: str, redis_client: Redis
+) -> None:
+    bad = make_update("123", "bad", "s", {"engagementAttributes": []})
+    producer = Producer.from_url(redis_url)
+    sync = SyncProducer.from_url(redis_url)
+    try:
+        # The first LPUSHes are already queued in the transaction when the bad one shows.
+        with pytest.raises(InvalidUpdate) as caught:
+            await producer.enqueue_many([*_updates(), bad])
+        assert caught.value.index == BIG
+        with pytest.raises(InvalidUpdate):
+            sync.enqueue_many([*_updates(), bad])
+        assert await redis_client.llen(QUEUE) == 0
+        # The aborted transaction's connection is not handed out again half used.
+        await producer.enqueue_many(_updates(tag="a"))
+        sync.enqueue_many(_updates(tag="s"))
+    finally:
+        await producer.aclose()
+        sync.close()
+    expected = [f"a{i}" for i in range(BIG)] + [f"s{i}" for i in range(BIG)]
+    assert await _queued_visitors(redis_client) == expected
+
+
+async def test_an_error_reply_in_a_big_batch_raises_and_enqueues_nothing(
+    redis_url: str, redis_client: Redis
+) -> None:
+    await redis_client.set(QUEUE, "not a list")
+    producer = Producer.from_url(redis_url)
+    sync = SyncProducer.from_url(redis_url)
+    try:
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            await producer.enqueue_many(_updates())
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            sync.enqueue_many(_updates())
+        assert await redis_client.get(QUEUE) == b"not a list"
+        await redis_client.delete(QUEUE)
+        await producer.enqueue_many(_updates(tag="a"))
+        sync.enqueue_many(_updates(tag="s"))
+    finally:
+        await producer.aclose()
+        sync.close()
+    assert len(await _queued_visitors(redis_client)) == 2 * BIG
+
+
+def test_redis_going_away_mid_batch_is_queue_unavailable_and_lands_nothing(
+    own_redis: RedisServer,
+) -> None:
+    def killing_redis_half_way() -> Iterator[dict[str, Any]]:
+        for i, update in enumerate(_updates()):
+            if i == BIG // 2:
+                own_redis.kill()
+            yield update
+
+    producer = SyncProducer.from_url(own_redis.url)
+    try:
+        producer.enqueue("123", "first", "s", BODY)  # connected before the batch
+        with pytest.raises(QueueUnavailable, match="did not take the batch"):
+            producer.enqueue_many(killing_redis_half_way())
+        own_redis.start()
+        assert [orjson.loads(r)["visitorId"] for r in producer.client.lrange(QUEUE, 0, -1)] == [
+            "first"
+        ]
+    finally:
+        producer.close()
+
+
+async def test_a_big_batch_cancelled_half_way_lands_whole_or_not_at_all(
+    redis_url: str, redis_client: Redis
+) -> None:
+    producer = Producer.from_url(redis_url)
+
+    def cancelling_half_way() -> Iterator[dict[str, Any]]:
+        for i, update in enumerate(_updates()):
+            if i == BIG // 2:
+                job.cancel()
+            yield update
+
+    try:
+        job = asyncio.create_task(producer.enqueue_many(cancelling_half_way()))
+        # On Python 3.11 redis-py's send (asyncio.wait_for) may swallow a cancel that
+        # arrives while it runs, and the batch goes on; from 3.12 the next send raises.
+        ids = await asyncio.gather(job, return_exceptions=True)
+        queued = await _queued_visitors(redis_client)
+        if isinstance(ids[0], asyncio.CancelledError):
+            assert queued == []
+        else:
+            assert queued == [f"v{i}" for i in range(BIG)]
+        await redis_client.delete(QUEUE)
+        await producer.enqueue_many(_updates())
+    finally:
+        await producer.aclose()
+    assert await redis_client.llen(QUEUE) == BIG
 
 
 def test_sync_enqueue_validates_before_redis() -> None:

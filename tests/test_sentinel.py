@@ -251,6 +251,18 @@ async def test_delivered_dead_lettered_and_retried_through_sentinel(
         await master.aclose()
 
 
+async def test_a_large_batch_lands_whole_on_the_master_sentinel_names(
+    group: SentinelGroup,
+) -> None:
+    ids = await _enqueue(group, [f"v{i}" for i in range(1500)])  # several LPUSHes, one EXEC
+    master = await _master(group)
+    try:
+        queued = [orjson.loads(r)["id"] for r in reversed(await master.lrange(KEYS.queue, 0, -1))]
+    finally:
+        await master.aclose()
+    assert queued == ids
+
+
 async def _llen_is(client: redis.asyncio.Redis, key: str, n: int) -> bool:
     return int(await client.llen(key)) >= n
 

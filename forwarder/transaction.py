@@ -1,0 +1,144 @@
+"""One MULTI/EXEC whose commands go out as they are made, on one pinned connection.
+
+redis-py's pipelines hold a whole transaction and pack it at once: a producer pushing
+100,000 updates would keep all of them (some 70 MB) alive until the end, and on a VM
+the page faults for that memory cost as much as the encoding. Here each command is sent
+when it is made and Redis queues it; EXEC then applies all of them or none.
+
+Anything that goes wrong before EXEC's reply is read (a bad update found half way, an
+error reply, Ctrl-C, a lost connection) closes the connection, and Redis discards the
+transaction of a client that is gone: nothing lands.
+
+    with transaction(client, key) as send:
+        for chunk in chunks:
+            send("LPUSH", key, *chunk)
+
+A cluster client's transaction runs on the node serving ``key``; a reply saying the
+slot has moved refreshes the client's slot map before it is raised, so a retry goes to
+the new owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Protocol, cast
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.connection
+import redis.connection
+import redis.exceptions
+
+from forwarder.connections import AsyncRedis, SyncRedis
+
+Send = Callable[..., None]
+AsyncSend = Callable[..., Awaitable[None]]
+AsyncConnection = redis.asyncio.connection.AbstractConnection
+
+
+class _Connection(Protocol):
+    """What is used here of redis-py's blocking connection (untyped there)."""
+
+    def send_command(self, *args: Any) -> None: ...
+    def send_packed_command(self, command: list[bytes]) -> None: ...
+    def pack_command(self, *args: Any) -> list[bytes]: ...
+    def read_response(self) -> Any: ...
+    def disconnect(self) -> None: ...
+
+
+@contextmanager
+def transaction(client: SyncRedis, key: str) -> Iterator[Send]:
+    """``send(*command)`` for one transaction on ``key``'s node, applied on a clean exit."""
+    target = _sync_node(client, key)
+    pool = target.connection_pool
+    conn = cast(_Connection, pool.get_connection())
+    try:
+        conn.send_command("MULTI")
+        sent = 0
+
+        def send(*command: Any) -> None:
+            nonlocal sent
+            conn.send_packed_command(conn.pack_command(*command))
+            sent += 1
+
+        yield send
+        conn.send_command("EXEC")
+        _check([conn.read_response() for _ in range(sent + 2)])
+    except BaseException as exc:
+        conn.disconnect()
+        if isinstance(exc, redis.exceptions.AskError) and isinstance(client, redis.RedisCluster):
+            client.nodes_manager.initialize()
+        raise
+    finally:
+        pool.release(conn)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def async_transaction(client: AsyncRedis, key: str) -> AsyncIterator[AsyncSend]:
+    """The asyncio twin of :func:`transaction`."""
+    acquire, release = await _async_node(client, key)
+    conn = await acquire()
+    try:
+        await conn.send_command("MULTI")
+        sent = 0
+
+        async def send(*command: Any) -> None:
+            nonlocal sent
+            await conn.send_packed_command(conn.pack_command(*command))
+            sent += 1
+
+        yield send
+        await conn.send_command("EXEC")
+        _check([await conn.read_response() for _ in range(sent + 2)])
+    except BaseException as exc:
+        await conn.disconnect()
+        if isinstance(exc, redis.exceptions.AskError) and isinstance(
+            client, redis.asyncio.RedisCluster
+        ):
+            await client.nodes_manager.initialize()
+        raise
+    finally:
+        await release(conn)
+
+
+def _check(replies: list[Any]) -> None:
+    """Raise the first error EXEC's reply holds (read_response raised any before it)."""
+    for reply in replies[-1]:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+def _sync_node(client: SyncRedis, key: str) -> redis.Redis:
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        if node is None:
+            raise _uncovered(key)
+        return cast(redis.Redis, node.redis_connection)
+    return client
+
+
+def _uncovered(key: str) -> redis.exceptions.ClusterDownError:
+    return redis.exceptions.ClusterDownError(f"no cluster node serves {key}'s slot")
+
+
+async def _async_node(
+    client: AsyncRedis, key: str
+) -> tuple[Callable[[], Awaitable[AsyncConnection]], Callable[[AsyncConnection], Awaitable[None]]]:
+    """How to take a connection to ``key``'s node and give it back."""
+    if isinstance(client, redis.asyncio.RedisCluster):
+        await client.initialize()
+        node = client.get_node_from_key(key)
+        if node is None:
+            raise _uncovered(key)
+
+        async def take() -> AsyncConnection:
+            return node.acquire_connection()
+
+        async def give(conn: AsyncConnection) -> None:
+            node.release(conn)  # type: ignore[arg-type]  # a cluster node's own Connection
+
+        return take, give
+    pool = client.connection_pool
+    return pool.get_connection, pool.release
