@@ -29,9 +29,7 @@ from typing import Any, Protocol, cast
 import hiredis
 import redis
 import redis.asyncio
-import redis.asyncio.cluster
 import redis.asyncio.connection
-import redis.connection
 import redis.exceptions
 
 from forwarder.connections import AsyncRedis, SyncRedis
@@ -67,7 +65,9 @@ def transaction(client: SyncRedis, key: str) -> Iterator[Send]:
 
         yield send
         conn.send_command("EXEC")
-        _check([conn.read_response() for _ in range(sent + 2)])
+        for _ in range(sent + 1):  # MULTI's OK, then QUEUED each (an error reply raises)
+            conn.read_response()
+        _raise_any(conn.read_response())
     except BaseException as exc:
         conn.disconnect()
         if isinstance(exc, redis.exceptions.AskError) and isinstance(client, redis.RedisCluster):
@@ -93,7 +93,9 @@ async def async_transaction(client: AsyncRedis, key: str) -> AsyncIterator[Async
 
         yield send
         await conn.send_command("EXEC")
-        _check([await conn.read_response() for _ in range(sent + 2)])
+        for _ in range(sent + 1):
+            await conn.read_response()
+        _raise_any(await conn.read_response())
     except BaseException as exc:
         await conn.disconnect()
         if isinstance(exc, redis.exceptions.AskError) and isinstance(
@@ -105,11 +107,11 @@ async def async_transaction(client: AsyncRedis, key: str) -> AsyncIterator[Async
         await release(conn)
 
 
-def _check(replies: list[Any]) -> None:
-    """Raise the first error EXEC's reply holds (read_response raised any before it)."""
-    for reply in replies[-1]:
-        if isinstance(reply, Exception):
-            raise reply
+def _raise_any(results: list[Any]) -> None:
+    """Raise the first error among EXEC's results (one per command, errors not raised)."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 def _sync_node(client: SyncRedis, key: str) -> redis.Redis:
