@@ -10,6 +10,7 @@ session-scoped Redis fixture is synchronous, so it needs no loop at all.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,6 +20,13 @@ import redis.asyncio
 
 from forwarder.embedded import RedisServer
 from forwarder.standin import StandIn
+
+# A CI runner may start the suite with SIGINT ignored (a background job of a
+# non-interactive shell). Every child would inherit that and Python would leave it
+# ignored, so a test of what Ctrl-C does would see nothing happen. A handled signal goes
+# back to its default action in a child at exec: the children get Ctrl-C as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -44,16 +43,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-def default_ctrl_c() -> None:
-    """``preexec_fn`` giving a child Ctrl-C's default action, as a terminal's foreground job has.
-
-    A CI runner may start the suite as a background job of a non-interactive shell, with
-    SIGINT ignored; children inherit that, and Python then leaves it ignored, so a test of
-    what Ctrl-C does would see nothing happen.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def worker_process(

@@ -17,7 +17,6 @@ from forwarder.demo import samples
 from forwarder.embedded import free_port
 from forwarder.model import SessionUpdate
 from forwarder.queue import Keys
-from tests.support import default_ctrl_c
 
 QUEUE = Keys("forwarder").queue
 GOOD = {"accountId": "123", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
@@ -131,7 +130,6 @@ def test_demo_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
         env=clean,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=default_ctrl_c,
     )
     assert proc.stdout is not None
     for line in proc.stdout:  # wait until the worker is running

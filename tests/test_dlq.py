@@ -30,7 +30,6 @@ from forwarder.deadletters import DeadLetters, Retention
 from forwarder.embedded import RedisServer, free_port
 from forwarder.queue import Keys
 from forwarder.settings import Settings
-from tests.support import default_ctrl_c
 
 KEYS = Keys("forwarder")
 SECRET = "SECRET-sarah@example.com"
@@ -124,10 +123,7 @@ def forwarder(
     """``python -m forwarder ARGS`` as a child process, with only the given FORWARDER_ vars."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "forwarder", *args],
-        env={**clean, **(env or {})},
-        preexec_fn=default_ctrl_c,
-        **popen,
+        [sys.executable, "-m", "forwarder", *args], env={**clean, **(env or {})}, **popen
     )
 
 

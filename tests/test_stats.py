@@ -18,7 +18,6 @@ from forwarder.embedded import free_port
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys, Queue
 from forwarder.stats import HELD_COUNT_CAP, human_age
-from tests.support import default_ctrl_c
 
 KEYS = Keys("forwarder")
 
@@ -165,7 +164,6 @@ def test_watch_refreshes_until_ctrl_c(redis_url: str, flags: list[str]) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        preexec_fn=default_ctrl_c,
     )
     assert proc.stdout is not None
     snapshots = 0
