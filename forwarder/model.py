@@ -882,13 +882,30 @@ def _json_verdict(raw: bytes) -> bool | None:
     return True
 
 
-def _check_by_models(data: object) -> None:
+def _check_by_models(data: object) -> SessionUpdate:
     # The models have the last word, on the verdict too: a model instance where a dict
     # is expected (producers in Python) passes there, as it always has.
     try:
-        SessionUpdate.model_validate(data)
+        return SessionUpdate.model_validate(data)
     except ValidationError as exc:
         raise InvalidMessage(format_errors(exc)) from None
+
+
+def wire_names(data: dict[str, Any], raw: bytes) -> dict[str, Any]:
+    """``data``, a valid wire message whose JSON is ``raw``, with every field under its
+    wire name.
+
+    The models also take a field under its Python name (``account_id``, ``page_id``),
+    but the worker reads wire names and the API knows only those: such a message is
+    written out again from the models. Any other is returned as it is.
+    """
+    if not _has_python_names(raw):
+        return data
+    return _by_wire_names(_check_by_models(data))
+
+
+def _by_wire_names(update: SessionUpdate) -> dict[str, Any]:
+    return update.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def too_large(size: int, max_bytes: int) -> str:
@@ -931,12 +948,14 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
         message = parse_object(raw)
         verdict = _json_verdict(raw)
         if not verdict:
-            _check_by_models(message)
+            checked = _check_by_models(message)
+            if _has_python_names(raw):
+                message = _by_wire_names(checked)
         if verdict is False:
             # The models took what msgspec refused: a body key given twice, where the
             # models saw only the last value and msgspec each one.
             raise InvalidMessage([_refusal(raw)])
-        # As written where msgspec found it (a python-named key can hide it from msgspec).
+        # As written where msgspec read it; msgspec leaves Python-named keys to the models.
         body = bytes(envelope.body) if envelope is not None else orjson.dumps(message["body"])
     message["body"] = orjson.Fragment(body)
     if message.get("id") is None:

@@ -30,6 +30,7 @@ from forwarder.model import (
     UpdateSessionBody,
     too_large,
     validate_wire,
+    wire_names,
 )
 from forwarder.queue import Keys
 from forwarder.transaction import async_transaction, transaction
@@ -91,6 +92,9 @@ def encode(
         # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.
         raise InvalidUpdate([f"(root): cannot be encoded as JSON ({exc})"], index) from None
     _validate(update, data, index, raw)
+    wire = wire_names(data, raw)
+    if wire is not data:
+        raw = orjson.dumps(wire)
     if len(raw) > max_bytes:
         raise InvalidUpdate([too_large(len(raw), max_bytes)], index)
     return data["id"], raw

@@ -240,6 +240,33 @@ def test_encode_leaves_the_callers_mapping_alone() -> None:
     assert orjson.loads(raw) == {**before, "id": message_id, "enqueuedAt": ANY}
 
 
+async def test_python_field_names_are_enqueued_under_their_wire_names(
+    redis_url: str, redis_client: Redis
+) -> None:
+    # The models take a field's Python name; the queue, the worker and the API know only
+    # the wire names.
+    update = {
+        "account_id": "123",
+        "visitor_id": "v1",
+        "session_id": "s1",
+        "body": {"page_id": "p1", "engagement_attributes": [{"type": "searchInfo"}], "x_y": 1},
+    }
+    producer = Producer.from_url(redis_url)
+    try:
+        message_id = await producer.enqueue_many([update])
+    finally:
+        await producer.aclose()
+    [raw] = await redis_client.lrange(QUEUE, 0, -1)
+    assert orjson.loads(raw) == {
+        "accountId": "123",
+        "visitorId": "v1",
+        "sessionId": "s1",
+        "body": {**BODY, "x_y": 1},
+        "id": message_id[0],
+        "enqueuedAt": ANY,
+    }
+
+
 def test_encode_gives_the_models_errors() -> None:
     update = make_update("12/34", "v", "s", {"pageId": "p", "engagementAttributes": [{}]})
     with pytest.raises(ValidationError) as expected:

@@ -240,6 +240,32 @@ async def test_a_message_without_id_gets_one(
     assert record["message"]["id"] == record["id"]
 
 
+async def test_python_field_names_pushed_by_hand_are_sent_under_their_wire_names(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    # A plain LPUSH the producer did not write: the models take the Python names, so the
+    # worker delivers it, to the right URL, with the body the API understands.
+    raw = orjson.dumps(
+        {
+            "account_id": "12345678",
+            "visitor_id": "snake-1",
+            "session_id": "s1",
+            "body": {
+                "page_id": BODY["pageId"],
+                "engagement_attributes": [{"type": "cart", "total": 11.7, "num_items": 6}],
+            },
+        }
+    )
+    await redis_client.lpush(KEYS.queue, raw)
+    async with running(fast_settings(redis_url, standin)):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    [arrival] = arrivals(standin, "snake-1")
+    assert (arrival.account_id, arrival.session_id) == ("12345678", "s1")
+    assert arrival.body == BODY
+    assert await dead_records(redis_client) == []
+    await assert_drained(redis_client)
+
+
 async def test_domain_is_looked_up_once_per_account_and_cached(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
