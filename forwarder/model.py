@@ -837,7 +837,7 @@ def _has_python_names(raw: bytes) -> bool:
     return _UNDERSCORE in raw and not _PYTHON_NAMES.isdisjoint(_SNAKE_KEY.findall(raw))
 
 
-def validate_wire(data: object, raw: bytes | None = None) -> None:
+def validate_wire(data: object, raw: bytes | None = None) -> SessionUpdate | None:
     """Raise :class:`InvalidMessage` unless ``data`` is a valid wire message (a dict).
 
     Accepts and rejects what ``SessionUpdate.model_validate`` does, with the same
@@ -845,9 +845,13 @@ def validate_wire(data: object, raw: bytes | None = None) -> None:
     ``data``'s JSON (``raw``: ``orjson.dumps(data)``, if the caller has it). Python values
     that orjson writes as JSON (a tuple as an array, a UUID or an Enum as a string) are
     taken as that JSON; the models alone would refuse them.
+
+    Returns the models' instance where they judged ``data`` (a field under its Python
+    name, for one: see :func:`wire_form`), None where the fast validator took it.
     """
-    if not _fast_verdict(data, raw):
-        _check_by_models(data)
+    if _fast_verdict(data, raw):
+        return None
+    return _check_by_models(data)
 
 
 def _fast_verdict(data: object, raw: bytes | None = None) -> bool | None:
@@ -891,21 +895,14 @@ def _check_by_models(data: object) -> SessionUpdate:
         raise InvalidMessage(format_errors(exc)) from None
 
 
-def wire_names(data: dict[str, Any], raw: bytes) -> dict[str, Any]:
-    """``data``, a valid wire message whose JSON is ``raw``, with every field under its
-    wire name.
+def wire_form(model: BaseModel) -> dict[str, Any]:
+    """``model``'s fields as JSON values under their wire names, only those given.
 
     The models also take a field under its Python name (``account_id``, ``page_id``),
-    but the worker reads wire names and the API knows only those: such a message is
-    written out again from the models. Any other is returned as it is.
+    but the worker reads wire names and the API knows only those: a message the models
+    judged is written out again in this form.
     """
-    if not _has_python_names(raw):
-        return data
-    return _by_wire_names(_check_by_models(data))
-
-
-def _by_wire_names(update: SessionUpdate) -> dict[str, Any]:
-    return update.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def too_large(size: int, max_bytes: int) -> str:
@@ -947,11 +944,10 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
     else:
         message = parse_object(raw)
         verdict = _json_verdict(raw)
-        if not verdict:
-            checked = _check_by_models(message)
-            if _has_python_names(raw):
-                message = _by_wire_names(checked)
-        if verdict is False:
+        if verdict is None:  # only the models read it (Python-named keys): their form
+            message = wire_form(_check_by_models(message))
+        elif verdict is False:
+            _check_by_models(message)
             # The models took what msgspec refused: a body key given twice, where the
             # models saw only the last value and msgspec each one.
             raise InvalidMessage([_refusal(raw)])

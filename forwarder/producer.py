@@ -30,7 +30,7 @@ from forwarder.model import (
     UpdateSessionBody,
     too_large,
     validate_wire,
-    wire_names,
+    wire_form,
 )
 from forwarder.queue import Keys
 from forwarder.transaction import async_transaction, transaction
@@ -91,10 +91,10 @@ def encode(
         _validate(update, data, index, None)
         # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.
         raise InvalidUpdate([f"(root): cannot be encoded as JSON ({exc})"], index) from None
-    _validate(update, data, index, raw)
-    wire = wire_names(data, raw)
-    if wire is not data:
-        raw = orjson.dumps(wire)
+    checked = _validate(update, data, index, raw)
+    if checked is not None:
+        # The models judged it (a field under its Python name): the queue gets wire names.
+        raw = orjson.dumps(wire_form(checked))
     if len(raw) > max_bytes:
         raise InvalidUpdate([too_large(len(raw), max_bytes)], index)
     return data["id"], raw
@@ -103,7 +103,7 @@ def encode(
 def _wire_form(update: Update, index: int) -> dict[str, Any]:
     """A new dict of ``update``'s wire fields: the caller's mapping is never written into."""
     if isinstance(update, SessionUpdate):
-        return update.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return wire_form(update)
     try:
         return dict(update)
     except (TypeError, ValueError):
@@ -112,11 +112,14 @@ def _wire_form(update: Update, index: int) -> dict[str, Any]:
         raise InvalidUpdate([error], index) from None
 
 
-def _validate(update: Update, data: dict[str, Any], index: int, raw: bytes | None) -> None:
+def _validate(
+    update: Update, data: dict[str, Any], index: int, raw: bytes | None
+) -> SessionUpdate | None:
+    """Raise :class:`InvalidUpdate` unless ``data`` is valid; see :func:`validate_wire`."""
     if isinstance(update, SessionUpdate):
-        return  # validated when it was built
+        return None  # validated when it was built
     try:
-        validate_wire(data, raw)
+        return validate_wire(data, raw)
     except InvalidMessage as exc:
         raise InvalidUpdate(exc.errors, index) from None
 
@@ -160,7 +163,7 @@ def make_update(
 ) -> dict[str, Any]:
     """The wire form of one update, from its parts (validated later, by :func:`encode`)."""
     if isinstance(body, UpdateSessionBody):
-        body = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        body = wire_form(body)
     update: dict[str, Any] = {
         "accountId": account_id,
         "visitorId": visitor_id,
