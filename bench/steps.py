@@ -59,6 +59,7 @@ async def _work(step: str, n: int) -> None:
             breakers.record(host, attempt.failed, probe=False)
             results.append(outcome.after_attempt(one, decoded.message, attempt, policy))
             if len(results) == SETTLE_BATCH:
+                # Queue.settle's argument of acked claim numbers, built as it builds it.
                 " ".join([str(r.settlement.token) for r in results if r.settlement.op == "ack"])
                 metrics.observe(results)
                 results = []
