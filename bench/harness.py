@@ -569,12 +569,11 @@ def mode_throughput(env: Env) -> dict[str, Any]:
 
 # --- experiments: the same worker with runtime knobs, to size changes -------------------
 
-GC_TWEAK = {"BENCH_GC_FREEZE": "1", "BENCH_GC_THRESHOLD": "20000,50,1000"}
 EXPERIMENTS: dict[str, dict[str, str]] = {
     "fwd probe (GC timed)": {},
-    "fwd gc.freeze+thresh": GC_TWEAK,
+    # CPython's default thresholds in place of tune_gc's (20000, 50, 1000).
+    "fwd gc default thresh": {"BENCH_GC_THRESHOLD": "700,10,10"},
     "fwd uvloop": {"BENCH_UVLOOP": "1"},
-    "fwd uvloop+gc": {"BENCH_UVLOOP": "1", **GC_TWEAK},
 }
 
 
@@ -792,28 +791,24 @@ def mode_memory(env: Env) -> dict[str, Any]:
 
 
 def mode_profile(env: Env, out_dir: Path) -> dict[str, Any]:
-    """py-spy of the worker (as is, and with the GC tweak) and of the ceiling client."""
+    """py-spy of the worker and of the ceiling client."""
     from bench.stacks import summarise
 
     out_dir.mkdir(parents=True, exist_ok=True)
     n = env.args.profile_n
     wire = wire_messages(n)
     written: dict[str, Any] = {}
-    variants: list[tuple[str, dict[str, str] | None]] = [
-        ("worker-throughput", None),
-        ("worker-throughput-gctweak", GC_TWEAK),
-    ]
-    for name, knobs in variants:
-        raw = out_dir / f"{name}.raw.txt"
-        result = run_forwarder(env, wire, 1, profile=raw, probe=knobs, label=name)
-        written[f"{name} (msg/s, CPU s/1k under py-spy)"] = (
-            f"{result['msgs_per_s']:.0f}, {result['cpu_per_1k']:.3f}"
-        )
-        if raw.exists():
-            summary = out_dir / f"{name}.summary.txt"
-            summary.write_text(summarise(raw, us_per_msg=result["cpu_per_1k"] * 1000))
-            written[f"{name} summary"] = str(summary)
-            written[f"{name} raw"] = str(raw)
+    name = "worker-throughput"
+    raw = out_dir / f"{name}.raw.txt"
+    result = run_forwarder(env, wire, 1, profile=raw, label=name)
+    written[f"{name} (msg/s, CPU s/1k under py-spy)"] = (
+        f"{result['msgs_per_s']:.0f}, {result['cpu_per_1k']:.3f}"
+    )
+    if raw.exists():
+        summary = out_dir / f"{name}.summary.txt"
+        summary.write_text(summarise(raw, us_per_msg=result["cpu_per_1k"] * 1000))
+        written[f"{name} summary"] = str(summary)
+        written[f"{name} raw"] = str(raw)
     for suffix in ("svg", "speedscope.json"):
         out = out_dir / f"worker-throughput.{suffix}"
         run_forwarder(env, wire, 1, profile=out)
@@ -960,7 +955,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             f"EXPERIMENTS  N={cfg['n']}: the unchanged worker under runtime knobs "
-            f"(bench/worker_probe.py); GC tweak = {GC_TWEAK}"
+            "(bench/worker_probe.py)"
         )
         head = (
             f"{'run':<30}{'msg/s':>9}{'÷ceil':>7}{'CPU s/1k':>10}{'GC s/1k':>9}{'other load':>12}"

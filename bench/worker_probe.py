@@ -4,9 +4,8 @@
 
 - ``BENCH_GC_OUT=FILE``: time every garbage collection (``gc.callbacks``) and write the
   totals per generation to FILE as JSON at exit;
-- ``BENCH_GC_FREEZE=1``: ``gc.freeze()`` once the worker module is imported (start-up
-  objects leave the collector's view);
-- ``BENCH_GC_THRESHOLD=a,b,c``: ``gc.set_threshold(a, b, c)``;
+- ``BENCH_GC_THRESHOLD=a,b,c``: the worker's ``tune_gc`` sets this threshold in place of
+  its own (it still freezes the start-up objects first);
 - ``BENCH_UVLOOP=1``: run the worker's event loop on uvloop.
 
 The benchmark's experiments use it to size changes before anyone makes them in the core.
@@ -49,26 +48,31 @@ def _gc_recorder(out: Path) -> None:
     atexit.register(dump)
 
 
+def _tune_gc(*threshold: int) -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*threshold)
+
+
 def main() -> int:
     gc_out = os.environ.get("BENCH_GC_OUT")
     if gc_out:
         _gc_recorder(Path(gc_out))
-    threshold = os.environ.get("BENCH_GC_THRESHOLD")
-    if threshold:
-        a, b, c = (int(x) for x in threshold.split(","))
-        gc.set_threshold(a, b, c)
     if os.environ.get("BENCH_UVLOOP") == "1":
         import asyncio
 
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    import forwarder.worker  # noqa: F401  (imported before the freeze)
+    import forwarder.worker
     from forwarder.cli import main as forwarder_main
 
-    if os.environ.get("BENCH_GC_FREEZE") == "1":
-        gc.collect()
-        gc.freeze()
+    threshold = os.environ.get("BENCH_GC_THRESHOLD")
+    if threshold:
+        # The worker command calls tune_gc after start-up: a threshold set here, before
+        # it, would be overwritten.
+        a, b, c = (int(x) for x in threshold.split(","))
+        forwarder.worker.tune_gc = lambda: _tune_gc(a, b, c)
     return forwarder_main(["worker", *sys.argv[1:]])
 
 
