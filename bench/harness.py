@@ -980,6 +980,13 @@ def render(results: dict[str, Any]) -> str:
                 else ""
             )
         )
+        for name in ("forwarder", "ceiling"):
+            if name in ins:
+                misses = ins[name]
+                lines.append(
+                    f"  {name}: simulated cache misses a message: L1 {misses['l1_misses']:,.0f}, "
+                    f"L2 {misses['l2_misses']:,.0f}"
+                )
     lat = results.get("latency")
     if lat:
         lines.append("")
@@ -1197,6 +1204,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also count the ceiling's instructions (it does not change between versions)",
+    )
+    parser.add_argument(
+        "--instr-cache",
+        action="store_true",
+        help="also simulate the L1 and L2 caches and count misses (about twice as slow)",
     )
     parser.add_argument(
         "--instr-keep",

@@ -11,6 +11,10 @@ ceiling ÷ forwarder estimates the throughput ratio when both are CPU-bound, as 
 leaves out time in the kernel (the same HTTP syscalls for both, plus the worker's few
 Redis round trips) and differences in instructions per cycle: use it to compare
 versions, and the throughput mode for the target itself.
+
+With ``--instr-cache`` callgrind also simulates this machine's L1 caches and, as the last
+level, its per-core L2 (read from sysfs): misses a message at each level, the part of the
+time that instruction counts leave out.
 """
 
 from __future__ import annotations
@@ -25,34 +29,70 @@ from bench.harness import PY, ROOT, Env, run_forwarder, wire_messages
 SLOW = 50
 
 
-def callgrind(out: Path) -> list[str]:
-    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--quiet"]
+# Simulated cache misses (callgrind's event names) summed per level.
+MISSES = {"l1_misses": ("I1mr", "D1mr", "D1mw"), "l2_misses": ("ILmr", "DLmr", "DLmw")}
+
+
+def callgrind(out: Path, *, cache: bool = False) -> list[str]:
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--quiet"]
+    return argv + _cache_sim() if cache else argv
+
+
+def _cache_sim() -> list[str]:
+    # Valgrind models the last level after L3, shared with the other cores (and, on a
+    # VM, with other guests): the per-core L2 is the level a message's work spills from.
+    argv = ["--cache-sim=yes"]
+    for flag, level, kind in (("I1", 1, "Instruction"), ("D1", 1, "Data"), ("LL", 2, "Unified")):
+        geometry = _cache_geometry(level, kind)
+        if geometry is not None:
+            argv.append(f"--{flag}={geometry}")
+    return argv
+
+
+def _cache_geometry(level: int, kind: str) -> str | None:
+    """``size,ways,line`` of CPU 0's cache of ``level`` and ``kind``, in bytes."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        info = {f.name: f.read_text().strip() for f in index.iterdir() if f.is_file()}
+        if info.get("level") == str(level) and info.get("type") == kind:
+            size = int(info["size"].removesuffix("K")) * 1024
+            return f"{size},{info['ways_of_associativity']},{info['coherency_line_size']}"
+    return None
+
+
+def event_totals(out: Path) -> dict[str, int]:
+    """Each event's total in a callgrind file: ``Ir`` (instructions), misses with cache-sim."""
+    events: list[str] = []
+    for line in out.read_text().splitlines():
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            return dict(zip(events, map(int, line.split()[1:]), strict=True))
+    raise RuntimeError(f"no event totals in {out}")
 
 
 def total_instructions(out: Path) -> int:
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no instruction total in {out}")
+    return event_totals(out)["Ir"]
 
 
-def ceiling(env: Env, n: int, out: Path) -> int:
+def ceiling(env: Env, n: int, out: Path) -> dict[str, int]:
     env.control.reset(n)
-    argv = [*callgrind(out), PY, "-m", "bench.ceiling", "--base", env.api_base, "--n", str(n)]
+    argv = [*callgrind(out, cache=env.args.instr_cache), PY, "-m", "bench.ceiling"]
+    argv += ["--base", env.api_base, "--n", str(n)]
     argv += ["--concurrency", str(env.args.concurrency)]
     child = env.children.start(f"ceiling-callgrind-{n}", argv, cwd=ROOT)
     child.proc.wait()
     code = env.children.stop(child)
     if code != 0:
         raise RuntimeError(f"ceiling under callgrind failed ({code}):\n{child.log_tail()}")
-    return total_instructions(out)
+    return event_totals(out)
 
 
-def forwarder(env: Env, n: int, out: Path) -> int:
-    result = run_forwarder(env, wire_messages(n), 1, wrap=callgrind(out), slow=SLOW)
+def forwarder(env: Env, n: int, out: Path) -> dict[str, int]:
+    wrap = callgrind(out, cache=env.args.instr_cache)
+    result = run_forwarder(env, wire_messages(n), 1, wrap=wrap, slow=SLOW)
     if result["exit_codes"] != [0]:
         raise RuntimeError(f"worker under callgrind failed ({result['exit_codes']})")
-    return total_instructions(out)
+    return event_totals(out)
 
 
 def mode_instructions(env: Env) -> dict[str, Any]:
@@ -66,8 +106,11 @@ def mode_instructions(env: Env) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"n": [small, large]}
     for name, run in contenders:
-        counts = [run(env, n, out_dir / f"callgrind.{name}.{n}") for n in (small, large)]
-        result[f"{name}_per_msg"] = (counts[1] - counts[0]) / (large - small)
+        few, many = (run(env, n, out_dir / f"callgrind.{name}.{n}") for n in (small, large))
+        per_msg = {e: (many[e] - few[e]) / (large - small) for e in many}
+        result[f"{name}_per_msg"] = per_msg["Ir"]
+        if env.args.instr_cache:
+            result[name] = {level: sum(per_msg[e] for e in es) for level, es in MISSES.items()}
     if "ceiling_per_msg" in result:
         result["ratio"] = result["ceiling_per_msg"] / result["forwarder_per_msg"]
     return result
