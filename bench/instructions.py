@@ -39,8 +39,8 @@ def callgrind(out: Path, *, cache: bool = False) -> list[str]:
 
 
 def _cache_sim() -> list[str]:
-    # Valgrind models the last level after L3, shared with the other cores (and, on a
-    # VM, with other guests): the per-core L2 is the level a message's work spills from.
+    # By default valgrind takes L3 for the last level; it is shared with the other cores
+    # (and, on a VM, other guests). The per-core L2 is where a message's work spills from.
     argv = ["--cache-sim=yes"]
     for flag, level, kind in (("I1", 1, "Instruction"), ("D1", 1, "Data"), ("LL", 2, "Unified")):
         geometry = _cache_geometry(level, kind)
@@ -54,7 +54,7 @@ def _cache_geometry(level: int, kind: str) -> str | None:
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         info = {f.name: f.read_text().strip() for f in index.iterdir() if f.is_file()}
         if info.get("level") == str(level) and info.get("type") == kind:
-            size = int(info["size"].removesuffix("K")) * 1024
+            size = int(info["size"][:-1]) * {"K": 1024, "M": 1024 * 1024}[info["size"][-1]]
             return f"{size},{info['ways_of_associativity']},{info['coherency_line_size']}"
     return None
 
