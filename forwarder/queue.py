@@ -36,7 +36,11 @@ local function give_back(inflight, dst)
   table.sort(entries, function(a, b) return a[1] > b[1] end)
   local values = {}
   for i, e in ipairs(entries) do values[i] = e[2] end
-  redis.call('RPUSH', dst, unpack(values))
+  -- unpack takes fewer than 8,000 values; a worker may hold more (its concurrency plus
+  -- two claim batches), so they go in slices, in the same order.
+  for i = 1, #values, 1000 do
+    redis.call('RPUSH', dst, unpack(values, i, math.min(i + 999, #values)))
+  end
   redis.call('DEL', inflight)
   return #values
 end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -60,3 +61,36 @@ async def test_a_retry_is_due_its_delay_after_it_was_decided_not_after_it_was_re
     assert (acked, kept) == (0, [True, True])
     assert await redis_client.zscore(KEYS.delayed, b"late") == pytest.approx(now + 0.7, abs=0.1)
     assert await redis_client.zscore(KEYS.delayed, b"now") == pytest.approx(now + 1.0, abs=0.1)
+
+
+# Lua's unpack takes fewer than 8,000 values, and a worker may hold more in flight:
+# up to FORWARDER_CONCURRENCY (10,000 at most) plus twice the claim batch.
+MANY = 9_000
+
+
+async def _claim_many(redis_client: Redis, worker: str) -> tuple[Queue, list[bytes]]:
+    pushed = [f"m{i}".encode() for i in range(MANY)]
+    await redis_client.lpush(KEYS.queue, *pushed)  # m0 at the consuming (right) end
+    queue = Queue(redis_client, "forwarder", worker)
+    while await redis_client.llen(KEYS.queue):
+        await queue.claim(1000)
+    assert await redis_client.hlen(KEYS.inflight(worker)) == MANY
+    return queue, pushed
+
+
+async def test_a_release_gives_back_more_than_lua_can_unpack_at_once(redis_client: Redis) -> None:
+    queue, pushed = await _claim_many(redis_client, "w1")
+    assert await queue.release() == MANY
+    # Back as they were pushed: the oldest at the consuming end, taken first again.
+    assert await redis_client.lrange(KEYS.queue, 0, -1) == pushed[::-1]
+    assert not await redis_client.exists(KEYS.inflight("w1"))
+
+
+async def test_a_dead_worker_holding_more_than_lua_can_unpack_at_once_is_recovered(
+    redis_client: Redis,
+) -> None:
+    _, pushed = await _claim_many(redis_client, "w1")
+    await asyncio.sleep(0.2)
+    assert await Queue(redis_client, "forwarder", "w2").heartbeat(0.1) == {"w1": MANY}
+    assert await redis_client.lrange(KEYS.queue, 0, -1) == pushed[::-1]
+    assert await redis_client.zrange(KEYS.workers, 0, -1) == [b"w2"]
