@@ -34,6 +34,7 @@ __all__ = [
     "SyncRedis",
     "async_client",
     "check_redis_url",
+    "eviction_policy",
     "parse_sentinel_url",
     "redis_client",
     "sync_client",
@@ -48,6 +49,9 @@ SyncRedis: TypeAlias = redis.Redis | redis.RedisCluster
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 SENTINEL_PORT = 26379
+# maxmemory policies under which Redis, out of memory, may drop keys that never expire:
+# the queue's, and the messages in them.
+EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 PLAIN_SCHEMES = {"redis", "rediss"}
 
@@ -263,3 +267,13 @@ def sync_redis_client(settings: Settings) -> SyncRedis:
         password=_secret(settings.redis_password),
         sentinel_password=_secret(settings.redis_sentinel_password),
     )
+
+
+async def eviction_policy(client: AsyncRedis) -> str | None:
+    """The server's ``maxmemory-policy`` (from ``INFO memory``); None where it does not say.
+
+    On a cluster this asks one node: a cluster's nodes normally share their settings.
+    """
+    info = await client.info("memory")
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    return policy if isinstance(policy, str) else None

@@ -27,14 +27,14 @@ from typing import Any, TypeVar
 
 import aiohttp
 import structlog
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ClusterDownError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from forwarder import outcome
 from forwarder.breaker import Breakers
 from forwarder.client import Attempt, EngagementClient, Put
-from forwarder.connections import AsyncRedis, redis_client
+from forwarder.connections import EVICTING_POLICIES, AsyncRedis, eviction_policy, redis_client
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.metrics import Metrics, listening
@@ -120,6 +120,7 @@ class Worker:
         (unless Redis stayed unreachable through the stop: see ``release_failed``)."""
         if not await self._register():
             return
+        await self._check_eviction()
         log.info(
             "worker_started",
             worker=self.id,
@@ -168,6 +169,17 @@ class Worker:
                 _redis_down("start", exc)
                 await backoff.sleep()
         return False
+
+    async def _check_eviction(self) -> None:
+        """Warn if Redis may evict the queue's keys (and so messages) when out of memory."""
+        try:
+            policy = await eviction_policy(self.queue.redis)
+        except (RedisError, OSError) as exc:
+            # INFO may be denied (ACLs, managed services) or Redis gone again: not fatal.
+            log.debug("redis_policy_unknown", worker=self.id, error=type(exc).__name__)
+            return
+        if policy in EVICTING_POLICIES:
+            log.warning("redis_may_evict", worker=self.id, policy=policy)
 
     async def _release(self) -> None:
         try:

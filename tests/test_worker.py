@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+from collections.abc import MutableMapping
 from typing import Any, cast
 
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -398,3 +400,23 @@ async def test_a_retry_recorded_late_still_fires_when_due(
     failed, retried = standin.requests
     assert failed.status == 503
     assert retried.at - failed.at == pytest.approx(1.0, abs=0.3)
+
+
+@pytest.mark.parametrize(("policy", "warned"), [("allkeys-lru", True), ("noeviction", False)])
+async def test_warns_at_start_when_redis_may_evict_the_queue(
+    redis_url: str, redis_client: Redis, standin: StandIn, policy: str, warned: bool
+) -> None:
+    await redis_client.config_set("maxmemory-policy", policy)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(fast_settings(redis_url, standin)) as worker:
+                await wait_until(lambda: _logged(logs, "worker_started"), 5, "the worker to start")
+    finally:
+        await redis_client.config_set("maxmemory-policy", "noeviction")
+    warnings = [e for e in logs if e["event"] == "redis_may_evict"]
+    expected = [{"worker": worker.id, "policy": policy}] if warned else []
+    assert [{k: e[k] for k in ("worker", "policy")} for e in warnings] == expected
+
+
+async def _logged(logs: list[MutableMapping[str, Any]], event: str) -> bool:
+    return any(e["event"] == event for e in logs)
