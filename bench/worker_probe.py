@@ -48,12 +48,6 @@ def _gc_recorder(out: Path) -> None:
     atexit.register(dump)
 
 
-def _tune_gc(*threshold: int) -> None:
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*threshold)
-
-
 def main() -> int:
     gc_out = os.environ.get("BENCH_GC_OUT")
     if gc_out:
@@ -72,7 +66,13 @@ def main() -> int:
         # The worker command calls tune_gc after start-up: a threshold set here, before
         # it, would be overwritten.
         a, b, c = (int(x) for x in threshold.split(","))
-        forwarder.worker.tune_gc = lambda: _tune_gc(a, b, c)
+        own = forwarder.worker.tune_gc
+
+        def tune_gc() -> None:
+            own()  # the freeze, as ever
+            gc.set_threshold(a, b, c)
+
+        forwarder.worker.tune_gc = tune_gc
     return forwarder_main(["worker", *sys.argv[1:]])
 
 
