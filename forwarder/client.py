@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ from yarl import URL
 from forwarder.domain import DomainResolver
 
 API_VERSION = "1.0"
+# The most of an answer's body read: an error entity is about 100 bytes, a proxy's error
+# page a few kB. Past this the connection is closed unread, so an endpoint that streams
+# without end costs neither the request timeout nor memory (64 requests at a time).
+MAX_ANSWER_BYTES = 64 * 1024
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -132,7 +137,11 @@ class EngagementClient:
                     allow_redirects=False,
                 ) as resp:
                     # Read even an empty body so the connection goes back to the pool.
-                    payload = await resp.read()
+                    length = resp.content_length
+                    if length is not None and length <= MAX_ANSWER_BYTES:
+                        payload: bytes | None = await resp.read()
+                    else:
+                        payload = await _read_at_most(resp, MAX_ANSWER_BYTES)
                     return _answered(resp, payload, time.perf_counter() - started)
             except aiohttp.ClientConnectorError:
                 if retried:
@@ -161,7 +170,19 @@ class EngagementClient:
         )
 
 
-def _answered(resp: aiohttp.ClientResponse, payload: bytes, latency: float) -> Attempt:
+async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> bytes | None:
+    """The body of an answer with no length or a long one; None (and the connection
+    closed, not read to its end) past ``most`` bytes."""
+    if resp.content_length is None:
+        try:
+            await resp.content.readexactly(most + 1)
+        except asyncio.IncompleteReadError as short:  # it ended within ``most``
+            return short.partial
+    resp.close()
+    return None
+
+
+def _answered(resp: aiohttp.ClientResponse, payload: bytes | None, latency: float) -> Attempt:
     if resp.status < 400:
         return Attempt(resp.status, latency)
     retry_after = _retry_after(resp.headers.get("Retry-After"))
@@ -195,7 +216,9 @@ def _retry_after(value: str | None) -> float | None:
     return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
-def _error_entity(data: bytes) -> ErrorEntity | None:
+def _error_entity(data: bytes | None) -> ErrorEntity | None:
+    if data is None:  # too long to be one
+        return None
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, cast
 
 import orjson
@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from forwarder import model
+from forwarder import client, model
 from forwarder import worker as worker_module
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
@@ -158,6 +158,77 @@ async def test_timeouts_and_dropped_connections_are_retried(
     )
     assert record["error"] is None
     assert record["lastError"] == failure
+    await assert_drained(redis_client)
+
+
+def _endless_answer(status: int, streamed: list[int]) -> web.Response:
+    """``status`` with a chunked body that never ends (chunks counted in ``streamed``)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            streamed.append(1)
+            yield b"x" * 16_384
+            await asyncio.sleep(0)
+
+    return web.Response(status=status, body=chunks())
+
+
+async def test_an_endless_error_answer_is_dead_lettered_without_its_entity_or_the_timeout(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    streamed: list[int] = []
+
+    async def answer(rec: Received) -> web.StreamResponse:
+        return _endless_answer(400, streamed)
+
+    standin.override = answer
+    [message_id] = await enqueue(redis_url, update("bad-endless"))
+    settings = fast_settings(redis_url, standin, request_timeout=30.0)
+    async with running(settings):
+        # Well inside the request timeout: the body was cut short, not waited out.
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert record["id"] == message_id
+    assert (record["reason"], record["status"], record["error"]) == ("client_error", 400, None)
+    # The connection was closed after about MAX_ANSWER_BYTES (64 kB: 4 chunks of 16 kB),
+    # plus what the sockets' buffers took before the client stopped reading.
+    assert len(streamed) < 500
+    await assert_drained(redis_client)
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["endless", "long_with_length"])
+async def test_a_success_with_a_long_body_is_delivered(
+    redis_url: str, redis_client: Redis, standin: StandIn, streamed: bool
+) -> None:
+    async def answer(rec: Received) -> web.StreamResponse:
+        if streamed:
+            return _endless_answer(200, [])
+        return web.Response(status=200, body=b"x" * (client.MAX_ANSWER_BYTES + 1))
+
+    standin.override = answer
+    await enqueue(redis_url, update("ok-long"), update("ok-long", session="s2"))
+    async with running(fast_settings(redis_url, standin, request_timeout=30.0)) as worker:
+        await wait_until(lambda: _all_acked(redis_client, worker.id), 5, "two acks")
+    # The second went out, on a new connection, after the first one's was closed unread.
+    assert [r.status for r in arrivals(standin, "ok-long")] == [200, 200]
+    assert await dead_records(redis_client) == []
+    await assert_drained(redis_client)
+
+
+async def test_an_error_entity_over_the_cap_is_not_read(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    entity = {"time": 1, "message": "m" * client.MAX_ANSWER_BYTES, "internalCode": 5}
+
+    async def answer(rec: Received) -> web.StreamResponse:
+        return web.json_response(entity, status=400)
+
+    standin.override = answer
+    await enqueue(redis_url, update("bad-long"))
+    async with running(fast_settings(redis_url, standin)):
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert (record["reason"], record["status"], record["error"]) == ("client_error", 400, None)
     await assert_drained(redis_client)
 
 
@@ -359,6 +430,17 @@ async def test_claims_ahead_are_bounded_and_given_back_unsent_on_stop(
 
 async def _dead_count(redis: Redis, n: int) -> bool:
     return int(await redis.llen(KEYS.dead)) >= n
+
+
+async def _all_acked(redis: Redis, worker_id: str) -> bool:
+    """Nothing left queued, in flight, waiting or dead (so all were acked)."""
+    counts = [
+        await redis.llen(KEYS.queue),
+        await redis.hlen(KEYS.inflight(worker_id)),
+        await redis.zcard(KEYS.delayed),
+        await redis.llen(KEYS.dead),
+    ]
+    return not any(counts)
 
 
 async def _hlen(redis: Redis, key: str, n: int) -> bool:
