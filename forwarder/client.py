@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -15,13 +14,10 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from forwarder.answers import read_at_most
 from forwarder.domain import DomainResolver
 
 API_VERSION = "1.0"
-# The most of an answer's body read: an error entity is about 100 bytes, a proxy's error
-# page a few kB. Past this the connection is closed unread, so an endpoint that streams
-# without end costs neither the request timeout nor memory (64 requests at a time).
-MAX_ANSWER_BYTES = 64 * 1024
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -136,12 +132,7 @@ class EngagementClient:
                     timeout=self._timeout,
                     allow_redirects=False,
                 ) as resp:
-                    # Read even an empty body so the connection goes back to the pool.
-                    length = resp.content_length
-                    if length is not None and length <= MAX_ANSWER_BYTES:
-                        payload: bytes | None = await resp.read()
-                    else:
-                        payload = await _read_at_most(resp, MAX_ANSWER_BYTES)
+                    payload = await read_at_most(resp)
                     return _answered(resp, payload, time.perf_counter() - started)
             except aiohttp.ClientConnectorError:
                 if retried:
@@ -168,18 +159,6 @@ class EngagementClient:
             query_string=put.query,
             encoded=True,
         )
-
-
-async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> bytes | None:
-    """The body of an answer with no length or a long one; None (and the connection
-    closed, not read to its end) past ``most`` bytes."""
-    if resp.content_length is None:
-        try:
-            await resp.content.readexactly(most + 1)
-        except asyncio.IncompleteReadError as short:  # it ended within ``most``
-            return short.partial
-    resp.close()
-    return None
 
 
 def _answered(resp: aiohttp.ClientResponse, payload: bytes | None, latency: float) -> Attempt:

@@ -7,6 +7,9 @@ import time
 from urllib.parse import quote
 
 import aiohttp
+import orjson
+
+from forwarder.answers import MAX_ANSWER_BYTES, read_at_most
 
 SERVICE = "msdkgw"
 
@@ -58,7 +61,10 @@ class DomainResolver:
             ) as resp:
                 if resp.status != 200:
                     raise DomainLookupError(f"domain API answered {resp.status}")
-                data = await resp.json(content_type=None)
+                payload = await read_at_most(resp)
+            if payload is None:
+                raise DomainLookupError(f"domain API answer over {MAX_ANSWER_BYTES} bytes")
+            data = orjson.loads(payload)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise DomainLookupError(f"domain API unreachable: {type(exc).__name__}") from exc
         host = data.get("baseURI") if isinstance(data, dict) else None

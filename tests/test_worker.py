@@ -14,8 +14,9 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from forwarder import client, model
+from forwarder import model
 from forwarder import worker as worker_module
+from forwarder.answers import MAX_ANSWER_BYTES
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Received, StandIn
@@ -203,7 +204,7 @@ async def test_a_success_with_a_long_body_is_delivered(
     async def answer(rec: Received) -> web.StreamResponse:
         if streamed:
             return _endless_answer(200, [])
-        return web.Response(status=200, body=b"x" * (client.MAX_ANSWER_BYTES + 1))
+        return web.Response(status=200, body=b"x" * (MAX_ANSWER_BYTES + 1))
 
     standin.override = answer
     await enqueue(redis_url, update("ok-long"), update("ok-long", session="s2"))
@@ -218,7 +219,7 @@ async def test_a_success_with_a_long_body_is_delivered(
 async def test_an_error_entity_over_the_cap_is_not_read(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
-    entity = {"time": 1, "message": "m" * client.MAX_ANSWER_BYTES, "internalCode": 5}
+    entity = {"time": 1, "message": "m" * MAX_ANSWER_BYTES, "internalCode": 5}
 
     async def answer(rec: Received) -> web.StreamResponse:
         return web.json_response(entity, status=400)
@@ -349,6 +350,44 @@ async def test_domain_is_looked_up_once_per_account_and_cached(
     async with running(settings):
         await standin.wait_for(lambda api: len(api.delivered) == 10, 10)
     assert len(standin.domain_requests) == 1
+
+
+async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    async def endless(request: web.Request) -> web.Response:
+        return _endless_answer(200, [])
+
+    app = web.Application()
+    app.router.add_get("/api/account/{account}/service/msdkgw/baseURI.json", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        await enqueue(redis_url, update("ok-1"))
+        settings = fast_settings(
+            redis_url,
+            standin,
+            api_base_url=None,
+            domain_api_url=f"http://127.0.0.1:{port}",
+            api_scheme="http",
+            retry_delays=(0.1,),
+            request_timeout=30.0,
+        )
+        async with running(settings):
+            await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    finally:
+        await runner.cleanup()
+    assert standin.requests == []
+    [record] = await dead_records(redis_client)
+    assert (record["reason"], record["attempts"], record["lastError"]) == (
+        "retries_exhausted",
+        2,
+        "domain_lookup",
+    )
+    await assert_drained(redis_client)
 
 
 async def test_failed_domain_lookup_counts_like_a_server_error(
