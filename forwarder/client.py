@@ -118,8 +118,10 @@ class EngagementClient:
 
     async def update_session(self, base: str, put: Put) -> Attempt:
         """Send ``put`` to the API at ``base``; never raises for a failed call."""
-        # One coroutine, no helper awaited: every resumption (several per request) passes
-        # through each coroutine frame between the task and aiohttp's, at a cost per frame.
+        # One coroutine, no helper awaited while the request waits: every resumption
+        # (several per request) passes through each coroutine frame between the task and
+        # aiohttp's, at a cost per frame. (read_at_most does not suspend on an answer whose
+        # body came with its headers, as the API's empty 200 does.)
         url = self._url(base, put)
         started = time.perf_counter()
         retried = False
