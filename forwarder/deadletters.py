@@ -183,10 +183,14 @@ class DeadLetter:
         return orjson.dumps(again)
 
     def redacted(self) -> dict[str, Any]:
-        """The record without payload content: no message body, no raw queue element."""
-        out = {k: v for k, v in self.data.items() if k != "raw"}
+        """The record without payload content: no message body, no raw queue element, and
+        of the validation errors (whose texts may quote values) only their number."""
+        out = {k: v for k, v in self.data.items() if k not in ("raw", "errors")}
         if self.message is not None:
             out["message"] = {k: v for k, v in self.message.items() if k != "body"}
+        errors = self.data.get("errors")
+        if isinstance(errors, list):
+            out["errorCount"] = len(errors)
         return out
 
 
@@ -273,9 +277,15 @@ class DeadLetters:
         next one: the scan then knows the list's old end lost them.
         """
         cursor = _Cursor()
+        # Digests of the records yielded: after a restart at the old end (see _next_rows)
+        # the ones still there are passed over, not yielded again.
+        read: set[bytes] = set()
         while rows := await self._next_rows(cursor):
             self._taken.clear()
-            yield [DeadLetter.parse(raw) for raw in reversed(rows)]
+            page = [r for r in map(DeadLetter.parse, reversed(rows)) if r.digest not in read]
+            read.update(r.digest for r in page)
+            if page:
+                yield page
             cursor.passed(rows, self._taken)
 
     async def select(
@@ -339,7 +349,8 @@ class DeadLetters:
                 return rows[:-1]
             cursor.kept = int(await self._locate([dead], [cursor.anchor]))
             if cursor.kept == 0:
-                # Everything read so far is gone: what is left at the old end is unread.
+                # The newest record read is gone (trimmed, or taken by someone else while
+                # older ones read may still be there): start again at the old end.
                 cursor.anchor = None
 
 

@@ -102,6 +102,12 @@ def _count_table(title: str, counts: Counter[str], limit: int | None) -> Table:
 Run = Callable[[argparse.Namespace, DeadLetters], Awaitable[int]]
 
 
+# Their output is only read (as is a replay's --dry-run): a reader that stops early
+# (`dlq list | head`) has all it wants. For the others (replay, purge, export) stdout
+# closing means the work stopped part way: not a success.
+_READ_ONLY = frozenset({"stats", "list", "show"})
+
+
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``forwarder dlq ACTION`` to the CLI's subcommands."""
     dlq = sub.add_parser("dlq", help="see, replay, purge and export dead letters")
@@ -110,7 +116,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     def add(name: str, help: str, run: Run, *more: argparse.ArgumentParser) -> Any:
         action = actions.add_parser(name, parents=[*parents, *more], help=help)
-        action.set_defaults(func=_command(run))
+        action.set_defaults(func=_command(run, reader_may_stop=name in _READ_ONLY))
         return action
 
     add("stats", "totals by reason, HTTP status, internalCode, account", _stats, filters, as_json)
@@ -162,7 +168,7 @@ def _json_flag() -> argparse.ArgumentParser:
     return flags
 
 
-def _command(run: Run) -> Callable[[argparse.Namespace, Settings], int]:
+def _command(run: Run, *, reader_may_stop: bool) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return asyncio.run(_with_store(run, args, settings))
@@ -170,9 +176,11 @@ def _command(run: Run) -> Callable[[argparse.Namespace, Settings], int]:
             _say("interrupted; each record is either moved whole or where it was")
             return 130
         except BrokenPipeError:
-            # `dlq list | head`: the reader has all it wants.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+            if reader_may_stop or getattr(args, "dry_run", False):
+                return 0
+            _say("stopped: standard output was closed (the counts above are what was done)")
+            return 1
 
     return command
 
@@ -205,8 +213,16 @@ async def _stats(args: argparse.Namespace, store: DeadLetters) -> int:
     if args.json:
         _write_json(totals.as_json())
     else:
-        _render_totals(totals, Console())
+        _render_totals(totals, _Stdout())
     return 0
+
+
+class _Stdout(Console):
+    """stdout, whose closing is for :func:`_command` to judge, as with print (rich's own
+    handling exits with 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
 
 
 async def _list(args: argparse.Namespace, store: DeadLetters) -> int:
@@ -330,11 +346,13 @@ async def _purge(args: argparse.Namespace, store: DeadLetters) -> int:
     try:
         with _progress("purge", total) as advance:
             async for page in store.pick(chosen.digests):
-                for record, removed in zip(page, await store.remove(page), strict=True):
-                    purged += removed
-                    if removed:
-                        print(record.id, flush=True)
+                removed = await store.remove(page)
+                gone = [r for r, was in zip(page, removed, strict=True) if was]
+                # Counted before any id is printed: if stdout fails, the count still holds.
+                purged += len(gone)
                 advance(len(page))
+                for record in gone:
+                    print(record.id, flush=True)
     finally:
         _say(f"purged {purged}")
     _report_gone(chosen.digests)

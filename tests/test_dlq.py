@@ -178,6 +178,21 @@ def test_list_never_prints_payload_unless_asked(redis_url: str, cli: Any) -> Non
     assert SECRET in records[5]["raw"]
 
 
+def test_list_json_gives_the_number_of_validation_errors_not_their_texts(
+    redis_url: str, cli: Any
+) -> None:
+    # A validation error quotes the value it refused: as personal as the body.
+    invalid = {**record("v1", "invalid_message"), "errors": [f"body.x: bad value '{SECRET}'"]}
+    seed(redis_url, [invalid])
+    code, out, _ = cli("dlq", "list", "--json", "--redis-url", redis_url)
+    [listed] = [orjson.loads(line) for line in out.splitlines()]
+    assert (code, listed["id"], listed["errorCount"]) == (0, "v1", 1)
+    assert "errors" not in listed
+    assert SECRET not in out
+    _, shown, _ = cli("dlq", "list", "--json", "--show-body", "--redis-url", redis_url)
+    assert orjson.loads(shown)["errors"] == invalid["errors"]
+
+
 def test_show_prints_every_record_with_the_id_whole(redis_url: str, cli: Any) -> None:
     # The same message dead twice: replayed once in between.
     seed(redis_url, [*MIX, record("a1", "retries_exhausted", 503, 20, replayed=1, age=1)])
@@ -327,6 +342,23 @@ async def test_a_scan_is_not_shifted_by_pushes_trims_or_its_own_moves(
     assert seen == expected
 
 
+async def test_a_scan_whose_newest_read_record_is_taken_reads_nothing_twice(
+    redis_url: str, redis_client: AsyncRedis
+) -> None:
+    records = [record(f"r{i:02}") for i in range(10)]
+    seed(redis_url, records)
+    store = DeadLetters(redis_client, "forwarder", page=3)
+    seen: list[str] = []
+    async for page in store.pages():
+        if not seen:
+            # Another operator takes the newest record this scan has read (r02); the
+            # older ones it read are still there, so its place has to be found again.
+            await redis_client.lrem(KEYS.dead, 1, orjson.dumps(records[2]).decode())
+        seen += [r.id for r in page]
+    # Each once: so stats count, and an offset or a limit passes, each record once.
+    assert seen == [f"r{i:02}" for i in range(10)]
+
+
 async def test_the_caps_drop_the_oldest_and_name_them(
     redis_url: str, redis_client: AsyncRedis
 ) -> None:
@@ -410,6 +442,39 @@ def _purge_on_a_terminal(redis_url: str, answer: bytes) -> int:
     os.close(terminal)
     assert b"Delete 3 dead letters for good?" in err
     return proc.returncode
+
+
+def _with_stdout_closed(redis_url: str, *args: str) -> tuple[int, str]:
+    """Run ``forwarder dlq ARGS`` with a stdout no one reads (its pipe's reader is gone):
+    its exit code and stderr."""
+    unread, stdout = os.pipe()
+    os.close(unread)
+    proc = forwarder("dlq", *args, "--redis-url", redis_url, stdout=stdout, stderr=subprocess.PIPE)
+    os.close(stdout)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err.decode()
+
+
+def test_a_closed_stdout_fails_a_purge_and_its_count_is_what_was_deleted(redis_url: str) -> None:
+    seed(redis_url, [record(f"p{i}") for i in range(1200)])
+    code, err = _with_stdout_closed(redis_url, "purge", "--yes")
+    deleted = 1200 - len(ids_in(redis_url, KEYS.dead))
+    assert code == 1
+    assert deleted > 0  # a page went before the first id could not be printed
+    assert f"purged {deleted}\n" in err
+    assert "standard output was closed" in err
+
+
+def test_a_closed_stdout_fails_a_replay_or_an_export_but_not_a_listing(redis_url: str) -> None:
+    seed(redis_url, [record(f"p{i}") for i in range(600)])
+    code, err = _with_stdout_closed(redis_url, "replay")
+    queued = len(ids_in(redis_url, KEYS.queue))
+    assert (code, queued) == (1, 1)  # the first id could not be printed: stopped there
+    assert "replayed 1 of 600" in err
+    assert _with_stdout_closed(redis_url, "export", "-")[0] == 1
+    for read_only in (["list"], ["stats"], ["show", "p7"], ["replay", "--dry-run"]):
+        assert _with_stdout_closed(redis_url, *read_only)[0] == 0, read_only
+    assert len(ids_in(redis_url, KEYS.dead)) == 599
 
 
 def test_purge_yes_removes_the_chosen_and_names_them(redis_url: str, cli: Any) -> None:
