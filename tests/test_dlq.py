@@ -319,12 +319,19 @@ async def test_a_second_pass_acts_only_on_what_the_first_chose(
     assert len(chosen) == 1  # a3: gone
 
 
+def _scan_of(
+    count: int, redis_url: str, redis_client: AsyncRedis
+) -> tuple[list[dict[str, Any]], DeadLetters]:
+    """``count`` records r00, r01, … (oldest first), and a store reading 3 a page."""
+    records = [record(f"r{i:02}") for i in range(count)]
+    seed(redis_url, records)
+    return records, DeadLetters(redis_client, "forwarder", page=3)
+
+
 async def test_a_scan_is_not_shifted_by_pushes_trims_or_its_own_moves(
     redis_url: str, redis_client: AsyncRedis
 ) -> None:
-    records = [record(f"r{i:02}") for i in range(20)]
-    seed(redis_url, records)
-    store = DeadLetters(redis_client, "forwarder", page=3)
+    _, store = _scan_of(20, redis_url, redis_client)
     seen: list[str] = []
     async for page in store.pages():
         seen += [r.id for r in page]
@@ -345,9 +352,7 @@ async def test_a_scan_is_not_shifted_by_pushes_trims_or_its_own_moves(
 async def test_a_scan_whose_newest_read_record_is_taken_reads_nothing_twice(
     redis_url: str, redis_client: AsyncRedis
 ) -> None:
-    records = [record(f"r{i:02}") for i in range(10)]
-    seed(redis_url, records)
-    store = DeadLetters(redis_client, "forwarder", page=3)
+    records, store = _scan_of(10, redis_url, redis_client)
     seen: list[str] = []
     async for page in store.pages():
         if not seen:
