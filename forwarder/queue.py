@@ -67,10 +67,14 @@ local function numbers(list)
   return out
 end
 -- A claim is sent again with the same numbers when its reply was lost (by the client's
--- retry or the worker's): what the first run recorded is returned again, not
--- overwritten by a second batch. nil if that run recorded nothing.
+-- retry or the worker's), and a copy delayed in the network may even run after the
+-- worker has claimed again. Each worker's next unused claim number is kept in the
+-- claims hash: a claim below it has run before, and gets what is still in flight
+-- under its numbers, never a second batch written over them. Returns true if fresh.
+local function fresh(claims, worker, base)
+  return base >= tonumber(redis.call('HGET', claims, worker) or '0')
+end
 local function recorded(inflight, base, n)
-  if redis.call('HEXISTS', inflight, base + 1) == 0 then return nil end
   local pairs_ = {}
   for i = 1, n do
     local raw = redis.call('HGET', inflight, base + i)
@@ -129,16 +133,24 @@ local function pass_turn(sessions, held_prefix, queue, raw, op, payload, t)
 end
 """
 
-# KEYS: queue, inflight, workers. ARGV: worker id, max count, claim number base.
+# KEYS: queue, inflight, workers, claims. ARGV: worker id, max count, claim number base.
 # Claiming also refreshes the worker's heartbeat: whoever holds in-flight messages is
 # always registered, so a crash right after a claim is still recovered. Returns
 # {claim number, message, ...}, oldest first.
+# The queue is popped before anything is written: a Redis out of memory (noeviction)
+# refuses a script whose first write may grow it, and claiming is what frees memory.
 _CLAIM = (
     _LIB
     + """
-redis.call('ZADD', KEYS[3], now(), ARGV[1])
 local base, n = tonumber(ARGV[3]), tonumber(ARGV[2])
-return recorded(KEYS[2], base, n) or record(KEYS[2], base, take(KEYS[1], n))
+if not fresh(KEYS[4], ARGV[1], base) then
+  redis.call('ZADD', KEYS[3], now(), ARGV[1])
+  return recorded(KEYS[2], base, n)
+end
+local items = take(KEYS[1], n)
+redis.call('ZADD', KEYS[3], now(), ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], base + n)
+return record(KEYS[2], base, items)
 """
 )
 
@@ -149,15 +161,19 @@ _CLAIM_ORDERED = (
     + _TURNS
     + """
 local t = now()
-redis.call('ZADD', KEYS[3], t, ARGV[1])
 local base, n = tonumber(ARGV[3]), tonumber(ARGV[2])
-local again = recorded(KEYS[2], base, n)
-if again then return again end
+if not fresh(KEYS[4], ARGV[1], base) then
+  redis.call('ZADD', KEYS[3], t, ARGV[1])
+  return recorded(KEYS[2], base, n)
+end
+local items = take(KEYS[1], n)
+redis.call('ZADD', KEYS[3], t, ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], base + n)
 local timeout = tonumber(ARGV[5])
 local out = {}
-for _, raw in ipairs(take(KEYS[1], n)) do
+for _, raw in ipairs(items) do
   local key = session_of(raw)
-  if not key or holds_turn(KEYS[4], key, raw, t, timeout) then
+  if not key or holds_turn(KEYS[5], key, raw, t, timeout) then
     out[#out + 1] = raw
   else
     redis.call('RPUSH', ARGV[4] .. key, raw)
@@ -243,9 +259,9 @@ return {#due, tostring(t), tostring(next_due)}
 """
 )
 
-# KEYS: workers, queue. ARGV: worker id, seconds of silence that mean dead, in-flight
-# key prefix. Heartbeats this worker and gives back the messages of
-# every worker silent for longer. Returns {dead worker id, count, ...}.
+# KEYS: workers, queue, claims. ARGV: worker id, seconds of silence that mean dead,
+# in-flight key prefix. Heartbeats this worker and gives back the messages of every
+# worker silent for longer. Returns {dead worker id, count, ...}.
 _HEARTBEAT = (
     _LIB
     + """
@@ -257,18 +273,22 @@ for _, id in ipairs(dead) do
   out[#out + 1] = id
   out[#out + 1] = give_back(ARGV[3] .. id, KEYS[2])
   redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], id)
 end
 return out
 """
 )
 
-# KEYS: inflight, queue, workers. ARGV: worker id. A clean stop: what is still
-# in flight goes back to the queue and the worker leaves no key of its own behind.
+# KEYS: inflight, queue, workers, claims. ARGV: worker id. A clean stop: what is still
+# in flight goes back to the queue and the worker leaves nothing of its own behind. (A
+# claim of its that runs later still, delayed in the network, registers it again: it is
+# then taken for dead and what that claim took is given back.)
 _RELEASE = (
     _LIB
     + """
 local n = give_back(KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 return n
 """
 )
@@ -299,6 +319,11 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.tag}:workers"
+
+    @property
+    def claims(self) -> str:
+        """HASH of each live worker's next unused claim number."""
+        return f"{self.tag}:claims"
 
     @property
     def inflight_prefix(self) -> str:
@@ -388,7 +413,7 @@ class Queue:
         """
         if self._unanswered is not None:
             count = self._unanswered
-        keys = [self.keys.queue, self._inflight, self.keys.workers]
+        keys = [self.keys.queue, self._inflight, self.keys.workers, self.keys.claims]
         args: list[str | float] = [self.worker_id, count, self._claimed]
         if self._ordered:
             keys.append(self.keys.sessions)
@@ -447,14 +472,14 @@ class Queue:
         args: list[str | float] = [self.worker_id, dead_after, self.keys.inflight_prefix]
         out = cast(
             list[bytes | int],
-            await self._heartbeat([self.keys.workers, self.keys.queue], args),
+            await self._heartbeat([self.keys.workers, self.keys.queue, self.keys.claims], args),
         )
         pairs = zip(out[::2], out[1::2], strict=True)
         return {_text(worker): int(count) for worker, count in pairs}
 
     async def release(self) -> int:
         """Give back everything still in flight and deregister. Returns the count."""
-        keys = [self._inflight, self.keys.queue, self.keys.workers]
+        keys = [self._inflight, self.keys.queue, self.keys.workers, self.keys.claims]
         return int(await self._release(keys, [self.worker_id]))
 
 

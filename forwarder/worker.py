@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import structlog
-from redis.exceptions import ClusterDownError, RedisError, TryAgainError
+from redis.exceptions import ClusterDownError, OutOfMemoryError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -46,8 +46,17 @@ from forwarder.settings import Settings
 log = structlog.get_logger("forwarder.worker")
 
 # Outages and fail-overs (Sentinel's MasterNotFoundError is a ConnectionError; a
-# cluster mid-failover answers CLUSTERDOWN or TRYAGAIN): retried, never fatal.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
+# cluster mid-failover answers CLUSTERDOWN or TRYAGAIN): retried, never fatal. So is a
+# Redis out of memory (noeviction): it refuses the writes that may grow it, but claims,
+# settles and promotions free memory first and still run, so the fleet drains it.
+REDIS_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    OutOfMemoryError,
+    OSError,
+)
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
 SETTLE_BATCH = 500
@@ -164,6 +173,11 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 await self.queue.heartbeat(self.settings.worker_timeout)
+                return True
+            except OutOfMemoryError as exc:
+                # A full Redis refuses the heartbeat's write; the first claim that takes
+                # a message, which frees memory before it writes, registers this worker.
+                _redis_down("start", exc)
                 return True
             except REDIS_DOWN as exc:
                 _redis_down("start", exc)

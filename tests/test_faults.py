@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from forwarder.breaker import Breakers
 from forwarder.embedded import RedisServer, free_port
@@ -237,8 +238,42 @@ async def test_the_worker_dead_letters_an_oversized_element(
     assert standin.requests == []
 
 
-async def _llen(redis: Redis, key: str, n: int) -> bool:
-    return int(await redis.llen(key)) >= n
+async def test_a_redis_out_of_memory_is_drained_not_a_crash(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    args = ["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]
+    with RedisServer(tmp_path / "full", extra_args=args) as server:
+        redis = Redis.from_url(server.url)
+        try:
+            filled = await _fill(redis)
+            # Full: a plain write is refused, as the heartbeat's is.
+            with pytest.raises(OutOfMemoryError):
+                await redis.zadd("probe", {"x": 1})
+            async with running(fast_settings(server.url, standin, concurrency=8)):
+                await standin.wait_for(lambda api: len(api.delivered) == filled, 30)
+                await wait_until(lambda: _llen(redis, KEYS.queue, 0, exactly=True), 5, "none")
+            assert await redis.llen(KEYS.dead) == 0
+        finally:
+            await redis.aclose()
+
+
+async def _fill(redis: Redis) -> int:
+    """Enqueue one at a time until Redis refuses for want of memory; how many went in."""
+    body = {"pageId": "p" * 500}
+    count = 0
+    while True:
+        try:
+            await redis.lpush(
+                KEYS.queue, orjson.dumps(make_update("123", f"ok-{count}", "s", body))
+            )
+        except OutOfMemoryError:
+            return count
+        count += 1
+
+
+async def _llen(redis: Redis, key: str, n: int, *, exactly: bool = False) -> bool:
+    length = int(await redis.llen(key))
+    return length == n if exactly else length >= n
 
 
 async def test_a_worker_with_redis_unreachable_still_stops_on_request(standin: StandIn) -> None:

@@ -34,6 +34,29 @@ async def test_a_claim_sent_again_after_a_lost_reply_hands_over_the_same_batch(
     assert not {c.raw for c in fresh} & {c.raw for c in first}
 
 
+async def test_a_claim_run_late_after_later_claims_writes_over_nothing(
+    redis_client: Redis,
+) -> None:
+    await Producer(redis_client).enqueue_many(
+        [make_update("1", f"v{i}", "s", {"pageId": "p"}) for i in range(10)]
+    )
+    queue = Queue(redis_client, "forwarder", "w1")
+    first = await queue.claim(2)
+    await queue.claim(2)
+    await queue.settle([Settlement("ack", first[0].token)])
+    held = await redis_client.hgetall(KEYS.inflight("w1"))
+    # The first claim's request, held up in the network, runs now: the same worker id,
+    # the same claim numbers (a new Queue starts at the same first number).
+    late = await Queue(redis_client, "forwarder", "w1").claim(2)
+    assert late == first[1:]  # what is still in flight under its numbers
+    assert await redis_client.hgetall(KEYS.inflight("w1")) == held
+    assert await redis_client.llen(KEYS.queue) == 6
+    assert [c.token for c in await queue.claim(1)] == [5]
+    # A clean stop leaves no claim record behind.
+    await queue.release()
+    assert await redis_client.exists(KEYS.claims) == 0
+
+
 async def test_the_blocking_wait_leaves_the_queue_as_it_was(redis_client: Redis) -> None:
     await redis_client.lpush(KEYS.queue, b"a", b"b")
     queue = Queue(redis_client, "forwarder", "w1")
@@ -94,3 +117,6 @@ async def test_a_dead_worker_holding_more_than_lua_can_unpack_at_once_is_recover
     assert await Queue(redis_client, "forwarder", "w2").heartbeat(0.1) == {"w1": MANY}
     assert await redis_client.lrange(KEYS.queue, 0, -1) == pushed[::-1]
     assert await redis_client.zrange(KEYS.workers, 0, -1) == [b"w2"]
+    # Nothing of the dead worker's is left: neither its in-flight hash nor its claim record.
+    assert await redis_client.exists(KEYS.inflight("w1")) == 0
+    assert not await redis_client.hexists(KEYS.claims, "w1")

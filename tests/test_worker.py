@@ -51,6 +51,7 @@ async def assert_drained(redis: Redis) -> None:
     assert await redis.llen(KEYS.queue) == 0
     assert await redis.zcard(KEYS.delayed) == 0
     assert await redis.zcard(KEYS.workers) == 0
+    assert await redis.exists(KEYS.claims) == 0
     assert await redis.keys(KEYS.inflight_prefix + "*") == []
 
 
