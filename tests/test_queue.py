@@ -14,13 +14,18 @@ from forwarder.queue import Keys, Queue, Settlement
 KEYS = Keys("forwarder")
 
 
-async def test_a_claim_sent_again_after_a_lost_reply_hands_over_the_same_batch(
-    redis_client: Redis,
-) -> None:
+async def _worker_with_ten_pending(redis_client: Redis) -> Queue:
+    """Worker w1's queue, with ten messages pending (visitors v0 to v9)."""
     await Producer(redis_client).enqueue_many(
         [make_update("1", f"v{i}", "s", {"pageId": "p"}) for i in range(10)]
     )
-    queue = Queue(redis_client, "forwarder", "w1")
+    return Queue(redis_client, "forwarder", "w1")
+
+
+async def test_a_claim_sent_again_after_a_lost_reply_hands_over_the_same_batch(
+    redis_client: Redis,
+) -> None:
+    queue = await _worker_with_ten_pending(redis_client)
     first = await queue.claim(4)
     # As if that reply had been lost: the worker's next call repeats it.
     queue._claimed -= 4
@@ -37,10 +42,7 @@ async def test_a_claim_sent_again_after_a_lost_reply_hands_over_the_same_batch(
 async def test_a_claim_run_late_after_later_claims_writes_over_nothing(
     redis_client: Redis,
 ) -> None:
-    await Producer(redis_client).enqueue_many(
-        [make_update("1", f"v{i}", "s", {"pageId": "p"}) for i in range(10)]
-    )
-    queue = Queue(redis_client, "forwarder", "w1")
+    queue = await _worker_with_ten_pending(redis_client)
     first = await queue.claim(2)
     await queue.claim(2)
     await queue.settle([Settlement("ack", first[0].token)])
