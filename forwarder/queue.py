@@ -260,15 +260,21 @@ return {#due, tostring(t), tostring(next_due)}
 )
 
 # KEYS: workers, queue, claims. ARGV: worker id, seconds of silence that mean dead,
-# in-flight key prefix. Heartbeats this worker and gives back the messages of every
-# worker silent for longer. Returns {dead worker id, count, ...}.
+# in-flight key prefix, this worker's previous heartbeat (Redis time; 0: none yet), and
+# since when it has heartbeated without such a silence of its own. Heartbeats this
+# worker and gives back the messages of every worker silent for longer, unless this
+# worker was silent as long itself (Redis down or stalled, or this worker frozen): then
+# the others may have been unable to heartbeat too, so it judges nobody until it has
+# been in touch for a whole timeout again. Returns {Redis time, dead worker id, count, ...}.
 _HEARTBEAT = (
     _LIB
     + """
 local t = now()
+local timeout, prev, since = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZADD', KEYS[1], t, ARGV[1])
-local dead = redis.call('ZRANGE', KEYS[1], '-inf', t - tonumber(ARGV[2]), 'BYSCORE')
-local out = {}
+local out = {tostring(t)}
+if (prev > 0 and t - prev > timeout) or t - since < timeout then return out end
+local dead = redis.call('ZRANGE', KEYS[1], '-inf', t - timeout, 'BYSCORE')
 for _, id in ipairs(dead) do
   out[#out + 1] = id
   out[#out + 1] = give_back(ARGV[3] .. id, KEYS[2])
@@ -397,6 +403,10 @@ class Queue:
         self._inflight = self.keys.inflight(worker_id)
         self._claimed = 0
         self._unanswered: int | None = None
+        # Redis time of this worker's last heartbeat, and of the first one after its last
+        # silence longer than the timeout (0.0: none), for the heartbeat script to judge by.
+        self._last_beat = 0.0
+        self._steady_since = 0.0
         self._ordered = ordered
         self._turn_timeout = turn_timeout
         self._claim = redis.register_script(_CLAIM_ORDERED if ordered else _CLAIM)
@@ -468,12 +478,18 @@ class Queue:
         return Promoted(int(moved), float(now), None if nxt < 0 else nxt)
 
     async def heartbeat(self, dead_after: float) -> dict[str, int]:
-        """Mark this worker alive; give back dead workers' messages. Returns those."""
+        """Mark this worker alive; give back the messages of workers silent for longer
+        than ``dead_after`` seconds (unless this one was too). Returns those counts."""
         args: list[str | float] = [self.worker_id, dead_after, self.keys.inflight_prefix]
-        out = cast(
+        args += [self._last_beat, self._steady_since]
+        now, *out = cast(
             list[bytes | int],
             await self._heartbeat([self.keys.workers, self.keys.queue, self.keys.claims], args),
         )
+        beat = float(now)
+        if self._last_beat and beat - self._last_beat > dead_after:
+            self._steady_since = beat
+        self._last_beat = beat
         pairs = zip(out[::2], out[1::2], strict=True)
         return {_text(worker): int(count) for worker, count in pairs}
 

@@ -59,6 +59,26 @@ async def test_a_claim_run_late_after_later_claims_writes_over_nothing(
     assert await redis_client.exists(KEYS.claims) == 0
 
 
+async def test_a_worker_silent_as_long_as_the_others_judges_none_of_them_at_once(
+    redis_client: Redis,
+) -> None:
+    timeout = 0.3
+    w1, w2 = Queue(redis_client, "forwarder", "w1"), Queue(redis_client, "forwarder", "w2")
+    await redis_client.lpush(KEYS.queue, b"a", b"b", b"c")
+    await w2.claim(3)
+    await w1.heartbeat(timeout)
+    await asyncio.sleep(timeout + 0.1)  # Redis down for longer than the timeout: no one beat
+    back = time.monotonic()
+    assert await w1.heartbeat(timeout) == {}  # w2 was as silent as w1 itself
+    # w2 never comes back: once w1 has been in touch for a whole timeout, it is dead.
+    recovered: dict[str, int] = {}
+    while not recovered:
+        await asyncio.sleep(0.05)
+        recovered = await w1.heartbeat(timeout)
+    assert recovered == {"w2": 3}
+    assert time.monotonic() - back >= timeout - 0.05  # Redis' clock and ours may differ
+
+
 async def test_the_blocking_wait_leaves_the_queue_as_it_was(redis_client: Redis) -> None:
     await redis_client.lpush(KEYS.queue, b"a", b"b")
     queue = Queue(redis_client, "forwarder", "w1")
