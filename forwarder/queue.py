@@ -114,6 +114,15 @@ local function holds_turn(sessions, key, raw, t, timeout)
   redis.call('HSET', sessions, key, digest .. '|' .. t)
   return true
 end
+-- The oldest held message of the session gets its turn, at the front of the queue.
+-- False if none is held.
+local function release_next(sessions, held_prefix, queue, key, t)
+  local nxt = redis.call('LPOP', held_prefix .. key)
+  if not nxt then return false end
+  redis.call('HSET', sessions, key, redis.sha1hex(nxt) .. '|' .. t)
+  redis.call('RPUSH', queue, nxt)
+  return true
+end
 local function pass_turn(sessions, held_prefix, queue, raw, op, payload, t)
   local key = session_of(raw)
   if not key then return end
@@ -123,11 +132,7 @@ local function pass_turn(sessions, held_prefix, queue, raw, op, payload, t)
     redis.call('HSET', sessions, key, redis.sha1hex(payload) .. '|' .. t)
     return
   end
-  local nxt = redis.call('LPOP', held_prefix .. key)
-  if nxt then
-    redis.call('HSET', sessions, key, redis.sha1hex(nxt) .. '|' .. t)
-    redis.call('RPUSH', queue, nxt)
-  else
+  if not release_next(sessions, held_prefix, queue, key, t) then
     redis.call('HDEL', sessions, key)
   end
 end
@@ -256,6 +261,28 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_due = -1
 if #nxt > 0 then next_due = nxt[2] end
 return {#due, tostring(t), tostring(next_due)}
+"""
+)
+
+# KEYS: sessions, queue. ARGV: held-list prefix, turn timeout, HSCAN cursor. Session
+# ordering: a turn untouched for longer than the timeout whose session has held messages
+# (its holder lost outside the forwarder) is passed to the oldest of them. A page of
+# sessions a call. Returns {messages released, next cursor}.
+_TAKE_OVER_TURNS = (
+    _LIB
+    + _TURNS
+    + """
+local t = now()
+local stale = t - tonumber(ARGV[2])
+local page = redis.call('HSCAN', KEYS[1], ARGV[3], 'COUNT', 1000)
+local turns, released = page[2], 0
+for i = 1, #turns, 2 do
+  if tonumber(string.sub(turns[i + 1], 42)) < stale
+     and release_next(KEYS[1], ARGV[1], KEYS[2], turns[i], t) then
+    released = released + 1
+  end
+end
+return {released, page[1]}
 """
 )
 
@@ -414,6 +441,8 @@ class Queue:
         self._promote = redis.register_script(_PROMOTE)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._release = redis.register_script(_RELEASE)
+        self._take_over = redis.register_script(_TAKE_OVER_TURNS)
+        self._turns_cursor = 0
 
     async def claim(self, count: int) -> list[Claimed]:
         """Take up to ``count`` pending messages, oldest first, without blocking.
@@ -492,6 +521,19 @@ class Queue:
         self._last_beat = beat
         pairs = zip(out[::2], out[1::2], strict=True)
         return {_text(worker): int(count) for worker, count in pairs}
+
+    @property
+    def ordered(self) -> bool:
+        return self._ordered
+
+    async def take_over_turns(self) -> int:
+        """Session ordering: pass on turns held too long (see the script), a page of
+        sessions a call. Returns how many held messages went to the queue."""
+        keys = [self.keys.sessions, self.keys.queue]
+        args: list[str | float] = [self.keys.held_prefix, self._turn_timeout, self._turns_cursor]
+        released, cursor = cast(list[int | bytes], await self._take_over(keys, args))
+        self._turns_cursor = int(cursor)
+        return int(released)
 
     async def release(self) -> int:
         """Give back everything still in flight and deregister. Returns the count."""

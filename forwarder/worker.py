@@ -375,9 +375,12 @@ class Worker:
             try:
                 recovered = await self.queue.heartbeat(self.settings.worker_timeout)
                 dropped = await self.retention.enforce()
+                taken_over = await self.queue.take_over_turns() if self.queue.ordered else 0
             except REDIS_DOWN as exc:
                 _redis_down("heartbeat", exc)
                 continue
+            if taken_over:
+                log.warning("turns_taken_over", worker=self.id, released=taken_over)
             self.metrics.observe_dropped(dropped)
             for dead, count in recovered.items():
                 log.warning("worker_recovered", worker=self.id, dead_worker=dead, returned=count)

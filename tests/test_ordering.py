@@ -14,7 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from forwarder.producer import Producer, make_update
-from forwarder.queue import Keys
+from forwarder.queue import Keys, Queue
 from forwarder.settings import Settings
 from forwarder.standin import Received, StandIn
 from forwarder.worker import running
@@ -139,6 +139,23 @@ async def test_a_dead_letter_releases_its_session(
     assert [r.body["pageId"] for r in standin.requests] == ["0", "1", "2", "3"]
     assert await redis_client.llen(KEYS.dead) == 1
     assert await redis_client.hlen(KEYS.sessions) == 0
+
+
+async def test_a_turn_whose_holder_was_lost_is_taken_over_without_a_new_update(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, [seq_update(0, i) for i in range(3)])
+    # A worker claims them (the first holds the turn, the others wait in the held list),
+    # then its in-flight record is lost outside the forwarder (a manual DEL).
+    ghost = Queue(redis_client, "forwarder", "ghost", ordered=True, turn_timeout=0.5)
+    assert len(await ghost.claim(10)) == 1
+    await redis_client.delete(KEYS.inflight("ghost"))
+    await redis_client.zrem(KEYS.workers, "ghost")
+    async with running(ordered(redis_url, standin, turn_timeout=0.5)):
+        # No later update of the session comes to take the turn over: the sweep does.
+        await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
+    assert [r.body["pageId"] for r in standin.requests] == ["1", "2"]
+    await assert_no_turns_left(redis_client)
 
 
 async def test_without_ordering_a_retry_lets_later_updates_pass(
