@@ -102,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except redis.ConnectionError as exc:
         print(f"forwarder: cannot reach Redis at the configured URL: {exc}", file=sys.stderr)
         return 3
+    except redis.RedisError as exc:
+        # WRONGTYPE, NOPERM, a read-only replica...: Redis' own words (never a value).
+        print(f"forwarder: Redis refused: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -255,6 +255,18 @@ def test_unreachable_redis_is_a_clear_error(cli: Any) -> None:
     assert "cannot reach Redis" in err
 
 
+def test_an_error_from_redis_is_one_clear_line(redis_url: str, cli: Any) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(KEYS.dead, "not a list")
+    finally:
+        client.close()
+    code, _, err = cli("dlq", "list", "--redis-url", redis_url)
+    assert code == 1
+    assert err.startswith("forwarder: Redis refused: ResponseError: WRONGTYPE")
+    assert "Traceback" not in err
+
+
 # --- replay ------------------------------------------------------------------------------
 
 
