@@ -152,7 +152,7 @@ def _cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     enqueued = invalid = 0
     try:
         with client.pipeline(transaction=False) as pipe:
-            for batch in _valid_batches(source):
+            for batch in _valid_batches(source, settings.max_message_bytes):
                 invalid += batch.invalid
                 if batch.wire:
                     pipe.lpush(key, *batch.wire)
@@ -173,14 +173,14 @@ class _Batch:
         self.invalid = 0
 
 
-def _valid_batches(source: IO[bytes]) -> Iterator[_Batch]:
+def _valid_batches(source: IO[bytes], max_bytes: int) -> Iterator[_Batch]:
     """Batches of valid wire messages; each invalid line is reported on stderr."""
     batch = _Batch()
     for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:
-            _, raw = encode(_parse_line(line), number)
+            _, raw = encode(_parse_line(line), number, max_bytes)
         except InvalidUpdate as exc:
             batch.invalid += 1
             for error in exc.errors:

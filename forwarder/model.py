@@ -902,7 +902,9 @@ def wire_form(model: BaseModel) -> dict[str, Any]:
     but the worker reads wire names and the API knows only those: a message the models
     judged is written out again in this form.
     """
-    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    # No warnings: pydantic's, for a field set to a wrong type after validation, quote
+    # the value (personal data); the validation that follows names the field instead.
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True, warnings=False)
 
 
 def too_large(size: int, max_bytes: int) -> str:

@@ -13,10 +13,11 @@ plain ``LPUSH {forwarder}:queue '<message>'``.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import orjson
 import redis.exceptions
@@ -40,9 +41,10 @@ Update = SessionUpdate | Mapping[str, Any]
 # gives freed memory back to the kernel and takes it again, page by page: keeping 1,000
 # updates (700 kB) per LPUSH made encoding 40 % slower on the development VM.
 PUSH_BYTES = 64 * 1024
-# Connection errors, timeouts, and a fail-over in progress (a read-only replica, a
-# cluster slot moving).
+# Connection errors, timeouts, a fail-over in progress (a read-only replica, a cluster
+# slot moving), and a Redis out of memory (noeviction) until the workers drain it.
 REDIS_UNAVAILABLE = (
+    redis.exceptions.OutOfMemoryError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,
@@ -53,7 +55,7 @@ REDIS_UNAVAILABLE = (
 
 
 class QueueUnavailable(ConnectionError):
-    """Redis did not take the batch (unreachable, timed out, failing over).
+    """Redis did not take the batch (unreachable, timed out, failing over, full).
 
     Nothing of the batch is known to be enqueued: an ``LPUSH`` whose reply was lost may
     have landed, so retrying can enqueue it twice (delivery is at least once anyway).
@@ -84,14 +86,18 @@ def encode(
     if data.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
         data["id"] = os.urandom(16).hex()
-    data.setdefault("enqueuedAt", time.time() if enqueued_at is None else enqueued_at)
+    if data.get("enqueuedAt") is None:
+        data["enqueuedAt"] = time.time() if enqueued_at is None else enqueued_at
     try:
         raw = orjson.dumps(data, option=PASSTHROUGH)
     except orjson.JSONEncodeError as exc:
-        _validate(update, data, index, None)
+        _validate(data, index, None)
         # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.
         raise InvalidUpdate([f"(root): cannot be encoded as JSON ({exc})"], index) from None
-    checked = _validate(update, data, index, raw)
+    checked = _validate(data, index, raw)
+    if b"null" in raw and (where := _non_finite_at(data)) is not None:
+        # orjson wrote it as null where the models take any value (impExpanded's fields).
+        raise InvalidUpdate([f"{where}: Input should be a finite number"], index)
     if checked is not None:
         # The models judged it (a field under its Python name): the queue gets wire names.
         raw = orjson.dumps(wire_form(checked))
@@ -112,32 +118,50 @@ def _wire_form(update: Update, index: int) -> dict[str, Any]:
         raise InvalidUpdate([error], index) from None
 
 
-def _validate(
-    update: Update, data: dict[str, Any], index: int, raw: bytes | None
-) -> SessionUpdate | None:
-    """Raise :class:`InvalidUpdate` unless ``data`` is valid; see :func:`validate_wire`."""
-    if isinstance(update, SessionUpdate):
-        return None  # validated when it was built
+def _validate(data: dict[str, Any], index: int, raw: bytes | None) -> SessionUpdate | None:
+    """Raise :class:`InvalidUpdate` unless ``data`` is valid; see :func:`validate_wire`.
+
+    A SessionUpdate's wire form is checked too: its fields can be set after it was built.
+    """
     try:
         return validate_wire(data, raw)
     except InvalidMessage as exc:
         raise InvalidUpdate(exc.errors, index) from None
 
 
-def encode_many(updates: Iterable[Update]) -> tuple[list[str], list[bytes]]:
+def _non_finite_at(value: object, path: str = "") -> str | None:
+    """The path (``body.x.0``) of a NaN or infinite float in ``value``, if there is one."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "(root)"
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[object, object]] = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite_at(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def encode_many(
+    updates: Iterable[Update], max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[list[str], list[bytes]]:
     """Validate all (raising on the first invalid one); their ids and wire bytes."""
     ids: list[str] = []
-    wire = [raw for chunk in _encoded(updates, ids) for raw in chunk]
+    wire = [raw for chunk in _encoded(updates, ids, max_bytes) for raw in chunk]
     return ids, wire
 
 
-def _encoded(updates: Iterable[Update], ids: list[str]) -> Iterator[list[bytes]]:
+def _encoded(updates: Iterable[Update], ids: list[str], max_bytes: int) -> Iterator[list[bytes]]:
     """Wire bytes, validated, in chunks of about :data:`PUSH_BYTES`; ids go to ``ids``."""
     now = time.time()
     chunk: list[bytes] = []
     size = 0
     for index, update in enumerate(updates):
-        message_id, raw = encode(update, index, enqueued_at=now)
+        message_id, raw = encode(update, index, max_bytes, now)
         ids.append(message_id)
         chunk.append(raw)
         size += len(raw)
@@ -175,17 +199,44 @@ def make_update(
     return update
 
 
-class Producer:
-    """Async producer over a ``redis.asyncio.Redis`` client."""
+ClientT = TypeVar("ClientT", AsyncRedis, SyncRedis)
 
-    def __init__(self, client: AsyncRedis, queue: str = "forwarder") -> None:
-        self.client = client
+
+class _Producer(Generic[ClientT]):
+    """What both producers hold: a Redis client, the queue's key, the size cap."""
+
+    _connect: ClassVar[Callable[..., Any]]  # the URL's client, async or not
+
+    def __init__(
+        self,
+        client: ClientT,
+        queue: str = "forwarder",
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.client: ClientT = client
         self.key = Keys(queue).queue
+        # The workers' FORWARDER_MAX_MESSAGE_BYTES: what they would dead-letter is refused.
+        self.max_message_bytes = max_message_bytes
 
     @classmethod
-    def from_url(cls, url: str, queue: str = "forwarder", *, cluster: bool = False) -> Producer:
+    def from_url(
+        cls,
+        url: str,
+        queue: str = "forwarder",
+        *,
+        cluster: bool = False,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> Self:
         """A producer for a URL of any form :mod:`forwarder.connections` takes."""
-        return cls(async_client(url, cluster=cluster), queue)
+        client = cls._connect(url, cluster=cluster)
+        return cls(client, queue, max_message_bytes=max_message_bytes)
+
+
+class Producer(_Producer[AsyncRedis]):
+    """Async producer over a ``redis.asyncio.Redis`` client."""
+
+    _connect = staticmethod(async_client)
 
     async def enqueue(
         self,
@@ -203,7 +254,7 @@ class Producer:
     async def enqueue_many(self, updates: Iterable[Update]) -> list[str]:
         """Validate and enqueue all, all or nothing; returns their ids in order."""
         ids: list[str] = []
-        chunks = _encoded(updates, ids)
+        chunks = _encoded(updates, ids, self.max_message_bytes)
         head = _head(chunks)
         try:
             if len(head) > 1:
@@ -220,17 +271,10 @@ class Producer:
         await self.client.aclose()
 
 
-class SyncProducer:
+class SyncProducer(_Producer[SyncRedis]):
     """The same as :class:`Producer`, for code without an event loop."""
 
-    def __init__(self, client: SyncRedis, queue: str = "forwarder") -> None:
-        self.client = client
-        self.key = Keys(queue).queue
-
-    @classmethod
-    def from_url(cls, url: str, queue: str = "forwarder", *, cluster: bool = False) -> SyncProducer:
-        """A producer for a URL of any form :mod:`forwarder.connections` takes."""
-        return cls(sync_client(url, cluster=cluster), queue)
+    _connect = staticmethod(sync_client)
 
     def enqueue(
         self,
@@ -248,7 +292,7 @@ class SyncProducer:
     def enqueue_many(self, updates: Iterable[Update]) -> list[str]:
         """Validate and enqueue all, all or nothing; returns their ids in order."""
         ids: list[str] = []
-        chunks = _encoded(updates, ids)
+        chunks = _encoded(updates, ids, self.max_message_bytes)
         head = _head(chunks)
         try:
             if len(head) > 1:

@@ -5,11 +5,19 @@ redis-py's pipelines hold a whole transaction and pack it at once: a producer pu
 the page faults for that memory cost as much as the encoding. Here each command is sent
 when it is made and Redis queues it; EXEC then applies all of them or none.
 
-Anything that goes wrong before EXEC's reply is read (a bad update found half way, an
-error reply, Ctrl-C, a lost connection) closes the connection, and Redis discards the
-transaction of a client that is gone: nothing lands. Commands are packed by hiredis,
-as redis-py's blocking client does; its asyncio client packs in Python, at a microsecond
-a value.
+Anything that goes wrong before EXEC is sent (a bad update found half way, an error
+reply, Ctrl-C, a lost connection) closes the connection, and Redis discards the
+transaction of a client that is gone: nothing lands. Once EXEC is sent, Redis applies
+the whole transaction even if its reply is never read: an error then (a lost reply,
+Ctrl-C) may mean all of it landed, never part. Commands are packed by hiredis, as
+redis-py's blocking client does; its asyncio client packs in Python, at a microsecond a
+value.
+
+The connection's health is checked once, before MULTI, and not again until EXEC's
+reply: redis-py checks it on a send when its interval has passed since the last reply,
+and a PING sent inside the transaction reads MULTI's reply instead of its own (and,
+with a client that retries on connection errors, the reconnect would send the rest
+outside any transaction). A batch may take longer to stream than that interval.
 
     with transaction(client, key) as send:
         for chunk in chunks:
@@ -42,8 +50,9 @@ AsyncConnection = redis.asyncio.connection.AbstractConnection
 class _Connection(Protocol):
     """What is used here of redis-py's blocking connection (untyped there)."""
 
-    def send_command(self, *args: Any) -> None: ...
-    def send_packed_command(self, command: list[bytes]) -> None: ...
+    def send_command(self, *args: Any, check_health: bool = True) -> None: ...
+    def send_packed_command(self, command: list[bytes], check_health: bool = True) -> None: ...
+    def check_health(self) -> None: ...
     def read_response(self) -> Any: ...
     def disconnect(self) -> None: ...
 
@@ -55,16 +64,17 @@ def transaction(client: SyncRedis, key: str) -> Iterator[Send]:
     pool = target.connection_pool
     conn = cast(_Connection, pool.get_connection())
     try:
-        conn.send_command("MULTI")
+        conn.check_health()
+        conn.send_command("MULTI", check_health=False)
         sent = 0
 
         def send(*command: Any) -> None:
             nonlocal sent
-            conn.send_packed_command([hiredis.pack_command(command)])
+            conn.send_packed_command([hiredis.pack_command(command)], check_health=False)
             sent += 1
 
         yield send
-        conn.send_command("EXEC")
+        conn.send_command("EXEC", check_health=False)
         for _ in range(sent + 1):  # MULTI's OK, then QUEUED each (an error reply raises)
             conn.read_response()
         _raise_any(conn.read_response())
@@ -83,16 +93,17 @@ async def async_transaction(client: AsyncRedis, key: str) -> AsyncIterator[Async
     acquire, release = await _async_node(client, key)
     conn = await acquire()
     try:
-        await conn.send_command("MULTI")
+        await conn.check_health()  # type: ignore[no-untyped-call]
+        await conn.send_command("MULTI", check_health=False)
         sent = 0
 
         async def send(*command: Any) -> None:
             nonlocal sent
-            await conn.send_packed_command([hiredis.pack_command(command)])
+            await conn.send_packed_command([hiredis.pack_command(command)], check_health=False)
             sent += 1
 
         yield send
-        await conn.send_command("EXEC")
+        await conn.send_command("EXEC", check_health=False)
         for _ in range(sent + 1):
             await conn.read_response()
         _raise_any(await conn.read_response())

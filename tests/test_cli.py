@@ -75,6 +75,23 @@ def test_enqueue_from_stdin_in_batches(redis_url: str) -> None:
     assert queued == [str(i) for i in range(2500)]
 
 
+def test_enqueue_refuses_what_the_workers_max_message_bytes_would_dead_letter(
+    redis_url: str,
+) -> None:
+    big = {**GOOD, "id": "big", "body": {"pageId": "p" * 5000}}
+    data = orjson.dumps(big) + b"\n" + orjson.dumps({**GOOD, "id": "small"})
+    result = forwarder(
+        "enqueue", "-", "--redis-url", redis_url, stdin=data, FORWARDER_MAX_MESSAGE_BYTES="4096"
+    )
+    assert result.returncode == 1
+    assert b"line 1: (root): message is" in result.stderr
+    assert b"over the 4096-byte cap" in result.stderr
+    client = redis.Redis.from_url(redis_url)
+    queued = [orjson.loads(r)["id"] for r in client.lrange(QUEUE, 0, -1)]
+    client.close()
+    assert queued == ["small"]
+
+
 def test_enqueue_with_redis_down_says_so() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = forwarder("enqueue", "-", "--redis-url", url, stdin=orjson.dumps(GOOD))

@@ -16,7 +16,7 @@ from redis.exceptions import OutOfMemoryError
 
 from forwarder.breaker import Breakers
 from forwarder.embedded import RedisServer, free_port
-from forwarder.producer import InvalidUpdate, encode, make_update
+from forwarder.producer import InvalidUpdate, Producer, QueueUnavailable, encode, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Override, Received, StandIn
 from forwarder.worker import running
@@ -249,9 +249,12 @@ async def test_a_redis_out_of_memory_is_drained_not_a_crash(
             # Over the limit for sure, whatever the client buffers held at the refusal.
             used = int((await redis.info("memory"))["used_memory"])
             await redis.config_set("maxmemory", used - 64 * 1024)
-            # Full: a plain write is refused, as the heartbeat's is.
+            # Full: a plain write is refused, as the heartbeat's is, and a producer is told
+            # its batch was not taken (to retry once the workers have drained some).
             with pytest.raises(OutOfMemoryError):
                 await redis.zadd("probe", {"x": 1})
+            with pytest.raises(QueueUnavailable, match="did not take the batch"):
+                await Producer(redis).enqueue("123", "late", "s", {"pageId": "p"})
             async with running(fast_settings(server.url, standin, concurrency=8)):
                 await standin.wait_for(lambda api: len(api.delivered) == filled, 30)
                 await wait_until(lambda: _llen(redis, KEYS.queue, 0, exactly=True), 5, "none")

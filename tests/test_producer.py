@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
+import warnings
 from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any
@@ -12,6 +14,7 @@ from unittest.mock import ANY
 import orjson
 import pytest
 import redis
+import redis.asyncio
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -161,6 +164,47 @@ async def test_an_error_reply_in_a_big_batch_raises_and_enqueues_nothing(
     assert len(await _queued_visitors(redis_client)) == 2 * BIG
 
 
+async def test_a_batch_streaming_past_the_health_check_interval_lands_whole(
+    redis_url: str, redis_client: Redis
+) -> None:
+    # redis-py checks a connection's health on a send once its interval has passed since
+    # the last reply: inside the transaction that PING would read MULTI's reply instead.
+    def slow(tag: str) -> Iterator[dict[str, Any]]:
+        for i, update in enumerate(_updates(tag=tag)):
+            if i == BIG // 2:
+                time.sleep(1.2)  # a slow source: a cursor, a generator doing work
+            yield update
+
+    producer = Producer(redis.asyncio.Redis.from_url(redis_url, health_check_interval=1))
+    sync = SyncProducer(redis.Redis.from_url(redis_url, health_check_interval=1))
+    try:
+        await producer.enqueue_many(slow("a"))
+        sync.enqueue_many(slow("s"))
+    finally:
+        await producer.aclose()
+        sync.close()
+    expected = [f"a{i}" for i in range(BIG)] + [f"s{i}" for i in range(BIG)]
+    assert await _queued_visitors(redis_client) == expected
+
+
+async def test_a_producer_takes_the_workers_max_message_bytes(
+    redis_url: str, redis_client: Redis
+) -> None:
+    big = {"pageId": "p" * 5000}
+    producer = Producer.from_url(redis_url, max_message_bytes=4096)
+    sync = SyncProducer.from_url(redis_url, max_message_bytes=4096)
+    try:
+        with pytest.raises(InvalidUpdate, match="over the 4096-byte cap"):
+            await producer.enqueue("123", "v", "s", big)
+        with pytest.raises(InvalidUpdate, match="over the 4096-byte cap"):
+            sync.enqueue("123", "v", "s", big)
+        await producer.enqueue("123", "v", "s", BODY)
+    finally:
+        await producer.aclose()
+        sync.close()
+    assert await _queued_visitors(redis_client) == ["v"]
+
+
 def test_redis_going_away_mid_batch_is_queue_unavailable_and_lands_nothing(
     own_redis: RedisServer,
 ) -> None:
@@ -287,6 +331,33 @@ def test_encode_refuses_what_is_not_a_mapping(update: Any) -> None:
     assert caught.value.errors == [
         f"(root): an update must be a mapping or a SessionUpdate, not {type(update).__name__}"
     ]
+
+
+def test_encode_refuses_nan_where_the_models_take_any_value() -> None:
+    # impExpanded's fields are untyped: the models take NaN, which orjson writes as null.
+    body = {"pageId": "p", "impAttributes": [{"type": "impExpanded", "expanded": float("nan")}]}
+    with pytest.raises(InvalidUpdate) as caught:
+        encode(make_update("123", "v", "s", body))
+    assert caught.value.errors == ["body.impAttributes.0.expanded: Input should be a finite number"]
+
+
+def test_a_session_update_changed_after_it_was_built_is_checked_again() -> None:
+    update = SessionUpdate.model_validate(make_update("123", "v", "s", BODY))
+    update.account_id = "../../x"
+    update.body.page_id = 42  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydantic's serializer warning would quote the value
+        with pytest.raises(InvalidUpdate) as caught:
+            encode(update)
+    assert caught.value.errors == [
+        "accountId: String should match pattern '^[A-Za-z0-9_]{1,20}$'",
+        "body.pageId: Input should be a valid string",
+    ]
+
+
+def test_a_null_enqueued_at_is_filled_in_as_a_missing_one_is() -> None:
+    _, raw = encode({**make_update("123", "v", "s", BODY), "enqueuedAt": None}, enqueued_at=7.5)
+    assert orjson.loads(raw)["enqueuedAt"] == 7.5
 
 
 def test_encode_refuses_infinity_under_a_fields_python_name() -> None:
