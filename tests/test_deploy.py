@@ -396,6 +396,9 @@ def test_the_manifests_agree_with_each_other_and_the_worker(directory: Path) -> 
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == config["FORWARDER_METRICS_PORT"]
+    # Annotated once: on the Service as well, the usual pair of scrape jobs counts twice.
+    service = kinds["Service"]["metadata"].get("annotations", {})
+    assert not any(key.startswith("prometheus.io/") for key in service)
 
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
