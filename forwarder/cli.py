@@ -119,8 +119,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from forwarder.worker import tune_gc
 
     tune_gc()
-    asyncio.run(_run_until_signal(settings))
-    return 0
+    return asyncio.run(_run_until_signal(settings))
 
 
 def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -133,16 +132,22 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-async def _run_until_signal(settings: Settings) -> None:
+async def _run_until_signal(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT; the exit code: 1 if the worker stopped of itself."""
     from forwarder.worker import Worker, serve
 
     loop = asyncio.get_running_loop()
+    served: list[Worker] = []
 
     def on_ready(worker: Worker) -> None:
+        served.append(worker)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
 
     await serve(settings, on_ready=on_ready)
+    # A task of its own failed (a bug; it stopped cleanly, giving everything back): not
+    # a success, so that a restart policy such as on-failure starts it again.
+    return 1 if any(worker.failed for worker in served) else 0
 
 
 def _cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:

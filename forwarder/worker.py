@@ -113,6 +113,8 @@ class Worker:
         self._results = _Results()
         self.metrics = Metrics()
         self.retention = Retention(redis, settings)
+        # Set when a background task failed (a bug) and so stopped the worker.
+        self.failed = False
 
     def stop(self) -> None:
         """Stop taking messages; :meth:`run` then finishes what is in flight and returns."""
@@ -211,6 +213,7 @@ class Worker:
         # A bug, not an outage (those are retried where they happen): stop cleanly, so
         # everything in flight goes back to the queue, rather than run half a worker.
         log.error("worker_task_failed", worker=self.id, exc_info=task.exception())
+        self.failed = True
         self.stop()
 
     async def _claim_loop(self) -> None:

@@ -14,9 +14,10 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from forwarder import model
+from forwarder import cli, model
 from forwarder import worker as worker_module
 from forwarder.answers import MAX_ANSWER_BYTES
+from forwarder.deadletters import Retention
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Received, StandIn
@@ -46,9 +47,9 @@ async def dead_records(redis: Redis) -> list[dict[str, Any]]:
     return [orjson.loads(r) for r in await redis.lrange(KEYS.dead, 0, -1)]
 
 
-async def assert_drained(redis: Redis) -> None:
-    """Nothing pending, waiting or in flight, and no worker registered."""
-    assert await redis.llen(KEYS.queue) == 0
+async def assert_drained(redis: Redis, *, pending: int = 0) -> None:
+    """Nothing (but ``pending``) queued, waiting or in flight, and no worker registered."""
+    assert await redis.llen(KEYS.queue) == pending
     assert await redis.zcard(KEYS.delayed) == 0
     assert await redis.zcard(KEYS.workers) == 0
     assert await redis.exists(KEYS.claims) == 0
@@ -232,6 +233,23 @@ async def test_an_error_entity_over_the_cap_is_not_read(
     [record] = await dead_records(redis_client)
     assert (record["reason"], record["status"], record["error"]) == ("client_error", 400, None)
     await assert_drained(redis_client)
+
+
+async def test_a_failed_background_task_stops_the_worker_with_a_failing_exit_code(
+    redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Retention) -> None:
+        raise RuntimeError("a bug in a background task")
+
+    monkeypatch.setattr(Retention, "enforce", broken)
+    await enqueue(redis_url, *(update(f"ok-{i}") for i in range(3)))
+    # The command's own loop: it stops at the first heartbeat, by itself.
+    code = await asyncio.wait_for(cli._run_until_signal(fast_settings(redis_url, standin)), 20)
+    assert code == 1  # so that a restart policy such as on-failure starts it again
+    # Stopped cleanly: what it did not deliver is back in the queue, nothing in flight.
+    pending = await redis_client.llen(KEYS.queue)
+    assert len(standin.delivered) + pending == 3
+    await assert_drained(redis_client, pending=pending)
 
 
 async def test_waiting_retries_are_kept_in_the_delayed_set(
