@@ -4,11 +4,14 @@ Each child is a plain ``forwarder worker`` with the same settings (the parent's 
 passed on as environment variables) and its own metrics port (the base port + its
 index). SIGTERM or SIGINT to the parent reaches every child, which stops as one worker
 does; the parent exits when all have, with the worst exit code. A child that exits on
-its own stops the others too: the orchestrator, not this parent, restarts workers.
+its own stops the others too: the orchestrator, not this parent, restarts workers. A
+parent killed outright (SIGKILL) takes its children with it, on Linux: they get
+SIGTERM and stop cleanly, rather than go on unsupervised beside a restarted parent's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -51,5 +54,17 @@ def _spawn(index: int, env: Mapping[str, str], metrics_port: int) -> subprocess.
     if metrics_port:
         child_env["FORWARDER_METRICS_PORT"] = str(metrics_port + index)
     return subprocess.Popen(
-        [sys.executable, "-m", "forwarder", "worker", "--processes", "1"], env=child_env
+        [sys.executable, "-m", "forwarder", "worker", "--processes", "1"],
+        env=child_env,
+        # The parent runs no threads: a function between fork and exec is safe here.
+        preexec_fn=_term_with_parent if sys.platform == "linux" else None,
     )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -187,5 +187,22 @@ async def test_processes_runs_several_workers_and_stops_them_together(
     assert log.read_text().count("worker_stopped") == 2
 
 
+async def test_a_parent_killed_outright_takes_its_worker_processes_with_it(
+    redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
+) -> None:
+    log = tmp_path / "workers.log"
+    parent = worker_process(redis_url, standin, log, "--processes", "2")
+    try:
+        await wait_until(lambda: _workers_are(redis_client, 2), 10, "2 registered workers")
+        parent.kill()
+        await wait_exit(parent, 5)
+        # Each child got SIGTERM as its parent died and stopped as a worker does.
+        await wait_until(lambda: _workers_are(redis_client, 0), 15, "the children to stop")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert log.read_text().count("worker_stopped") == 2
+
+
 async def _workers_are(redis: Redis, n: int) -> bool:
     return int(await redis.zcard(KEYS.workers)) == n
