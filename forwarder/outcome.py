@@ -31,6 +31,10 @@ from forwarder.client import Attempt
 from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
 from forwarder.queue import Claimed, Settlement
 
+# The least a 429's Retry-After makes a message wait: 0, a date already past or a skewed
+# clock would have it sent again at once, on every 429, spending no attempt.
+MIN_RETRY_AFTER = 1.0
+
 
 @dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
 class Outcome:
@@ -75,9 +79,8 @@ def after_attempt(
         return Outcome(Settlement("ack", claimed.token), "delivered", None, message, attempt)
     attempts = int(message.get("attempts", 0))
     if status == 429:
-        wait = (
-            attempt.retry_after if attempt.retry_after is not None else policy.next_delay(attempts)
-        )
+        after = attempt.retry_after
+        wait = policy.next_delay(attempts) if after is None else max(after, MIN_RETRY_AFTER)
         return parked(
             claimed, message, min(wait, policy.max_retry_after), attempt.describe, attempt
         )

@@ -112,7 +112,9 @@ class Settings(BaseSettings):
         default=20, ge=1, description="recent attempts per API host the circuit breaker weighs"
     )
     breaker_min_calls: int = Field(
-        default=10, ge=1, description="attempts in the window before the breaker may open"
+        default=10,
+        ge=1,
+        description="attempts in the window before the breaker may open (at most the window)",
     )
     breaker_failure_ratio: float = Field(
         default=0.5,
@@ -194,6 +196,13 @@ class Settings(BaseSettings):
         # A worker must be able to miss a heartbeat or two before others take its work.
         if self.worker_timeout < 2 * self.heartbeat_interval:
             raise ValueError("worker_timeout must be at least twice heartbeat_interval")
+        return self
+
+    @model_validator(mode="after")
+    def _breaker_can_open(self) -> Settings:
+        # More calls than the window holds would never be seen: the breaker never opens.
+        if self.breaker_min_calls > self.breaker_window:
+            raise ValueError("breaker_min_calls must be at most breaker_window")
         return self
 
     @model_validator(mode="after")

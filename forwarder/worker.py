@@ -280,6 +280,7 @@ class Worker:
             if len(ready.jobs) < batch:
                 self._refill.set()
             started = time.perf_counter()
+            host = fixed_host
             try:
                 # Awaited here, not in a helper coroutine: see update_session.
                 host = fixed_host or await client.base_url(job.message["accountId"])
@@ -298,6 +299,10 @@ class Worker:
                 log.exception("delivery_crashed", id=message["id"], account=message["accountId"])
                 attempt = Attempt(None, time.perf_counter() - started, failure="internal")
                 result = outcome.after_attempt(job.claimed, message, attempt, self._policy)
+                if job.probe and host:
+                    # Only a probe's result ends its breaker's half-open wait: without
+                    # one, the host would stay shut (every message parked) for good.
+                    self.breakers.record(host, True, probe=True)
             self._results.add(result)
 
     def _refused(self, job: _Job, host: str) -> Outcome | None:

@@ -118,6 +118,13 @@ def test_bad_settings_are_refused_clearly() -> None:
     assert b"retry_delays" in result.stderr
 
 
+def test_a_breaker_that_could_never_open_is_refused() -> None:
+    # More calls than its window holds: it would never see enough to open.
+    result = forwarder("worker", FORWARDER_BREAKER_WINDOW="5", FORWARDER_BREAKER_MIN_CALLS="10")
+    assert result.returncode == 2
+    assert b"breaker_min_calls must be at most breaker_window" in result.stderr
+
+
 def _leftover_servers(data_dir: Path) -> list[str]:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     return [line for line in ps.stdout.splitlines() if str(data_dir) in line]

@@ -15,10 +15,11 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from forwarder.breaker import Breakers
+from forwarder.client import Attempt, EngagementClient, Put
 from forwarder.embedded import RedisServer, free_port
 from forwarder.producer import InvalidUpdate, Producer, QueueUnavailable, encode, make_update
 from forwarder.queue import Keys
-from forwarder.standin import Override, Received, StandIn
+from forwarder.standin import Override, Received, StandIn, error_response
 from forwarder.worker import running
 from tests.support import enqueue_visitors, fast_settings, wait_until
 
@@ -152,6 +153,62 @@ async def test_429_waits_for_retry_after_without_spending_attempts(
     assert (first.status, second.status) == (429, 200)
     assert 1.0 <= second.at - first.at < 2.5  # Retry-After, plus up to 1 s of spread
     assert await redis_client.llen(KEYS.dead) == 0
+
+
+async def test_a_retry_after_of_zero_still_waits_a_second(redis_url: str, standin: StandIn) -> None:
+    standin.override = throttle_once("0")
+    await enqueue(redis_url, ["ok-t"])
+    async with running(fast_settings(redis_url, standin)):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    first, second = standin.requests
+    assert second.at - first.at >= 1.0  # not again at once, on every 429
+
+
+async def test_a_retry_after_in_other_digits_is_no_crash(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    async def bad_request(rec: Received) -> web.StreamResponse:
+        answer = error_response(400, 5, "request data missing")
+        answer.headers["Retry-After"] = "\u00b2"  # a digit to str.isdigit, not to float()
+        return answer
+
+    standin.override = bad_request
+    await enqueue(redis_url, ["ok-r"])
+    async with running(fast_settings(redis_url, standin)):
+        await wait_until(lambda: _llen(redis_client, KEYS.dead, 1), 5, "a dead letter")
+    [record] = [orjson.loads(r) for r in await redis_client.lrange(KEYS.dead, 0, -1)]
+    assert (record["reason"], record["status"], record["attempts"]) == ("client_error", 400, 1)
+    assert record["error"]["internalCode"] == 5
+    assert len(standin.requests) == 1
+
+
+async def test_a_probe_that_crashes_still_ends_the_half_open_wait(
+    redis_url: str, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    send = EngagementClient.update_session
+
+    async def crash_the_first_probe(self: EngagementClient, base: str, put: Put) -> Attempt:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first call after the breaker opened: its probe
+            raise RuntimeError("a bug while sending")
+        return await send(self, base, put)
+
+    monkeypatch.setattr(EngagementClient, "update_session", crash_the_first_probe)
+    await enqueue(redis_url, ["flaky1-p"])  # 503 once, then 200
+    settings = fast_settings(
+        redis_url,
+        standin,
+        retry_delays=(0.05,) * 5,
+        breaker_window=1,
+        breaker_min_calls=1,
+        breaker_cooldown=0.2,
+    )
+    async with running(settings):
+        # Stuck half-open, the host would never be tried again: nothing delivered.
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    assert calls == 3
 
 
 async def test_retry_after_is_capped(redis_url: str, standin: StandIn) -> None:
