@@ -95,11 +95,12 @@ def encode(
         # Integers past 64 bits, nesting past 254 levels: not sendable as JSON here.
         raise InvalidUpdate([f"(root): cannot be encoded as JSON ({exc})"], index) from None
     checked = _validate(data, index, raw)
-    if b"null" in raw and (where := _non_finite_at(data)) is not None:
-        # orjson wrote it as null where the models take any value (impExpanded's fields).
-        raise InvalidUpdate([f"{where}: Input should be a finite number"], index)
     if checked is not None:
-        # The models judged it (a field under its Python name): the queue gets wire names.
+        # The models judged it (a field under its Python name, or a NaN orjson wrote as
+        # null, which they take where a field takes any value: impExpanded's).
+        if b"null" in raw and (where := _non_finite_at(data)) is not None:
+            raise InvalidUpdate([f"{where}: Input should be a finite number"], index)
+        # The queue gets wire names.
         raw = orjson.dumps(wire_form(checked))
     if len(raw) > max_bytes:
         raise InvalidUpdate([too_large(len(raw), max_bytes)], index)
