@@ -292,15 +292,17 @@ return {released, page[1]}
 # worker and gives back the messages of every worker silent for longer, unless this
 # worker was silent as long itself (Redis down or stalled, or this worker frozen): then
 # the others may have been unable to heartbeat too, so it judges nobody until it has
-# been in touch for a whole timeout again. Returns {Redis time, dead worker id, count, ...}.
+# been in touch for a whole timeout again. Returns {Redis time, steady since, dead
+# worker id, count, ...}.
 _HEARTBEAT = (
     _LIB
     + """
 local t = now()
 local timeout, prev, since = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if prev > 0 and t - prev > timeout then since = t end
 redis.call('ZADD', KEYS[1], t, ARGV[1])
-local out = {tostring(t)}
-if (prev > 0 and t - prev > timeout) or t - since < timeout then return out end
+local out = {tostring(t), tostring(since)}
+if t - since < timeout then return out end
 local dead = redis.call('ZRANGE', KEYS[1], '-inf', t - timeout, 'BYSCORE')
 for _, id in ipairs(dead) do
   out[#out + 1] = id
@@ -511,14 +513,11 @@ class Queue:
         than ``dead_after`` seconds (unless this one was too). Returns those counts."""
         args: list[str | float] = [self.worker_id, dead_after, self.keys.inflight_prefix]
         args += [self._last_beat, self._steady_since]
-        now, *out = cast(
+        now, since, *out = cast(
             list[bytes | int],
             await self._heartbeat([self.keys.workers, self.keys.queue, self.keys.claims], args),
         )
-        beat = float(now)
-        if self._last_beat and beat - self._last_beat > dead_after:
-            self._steady_since = beat
-        self._last_beat = beat
+        self._last_beat, self._steady_since = float(now), float(since)
         pairs = zip(out[::2], out[1::2], strict=True)
         return {_text(worker): int(count) for worker, count in pairs}
 
