@@ -574,6 +574,8 @@ EXPERIMENTS: dict[str, dict[str, str]] = {
     # CPython's default thresholds in place of tune_gc's (20000, 50, 1000).
     "fwd gc default thresh": {"BENCH_GC_THRESHOLD": "700,10,10"},
     "fwd uvloop": {"BENCH_UVLOOP": "1"},
+    # No validation, breaker or outcome decision: the queue's machinery alone.
+    "fwd floor (no checks)": {"BENCH_FLOOR": "1"},
 }
 
 

@@ -7,6 +7,12 @@
 - ``BENCH_GC_THRESHOLD=a,b,c``: the worker's ``tune_gc`` sets this threshold in place of
   its own (it still freezes the start-up objects first);
 - ``BENCH_UVLOOP=1``: run the worker's event loop on uvloop.
+- ``BENCH_FLOOR=1``: the worker with its per-message checks and decisions taken out
+  (never for use: it sends whatever is queued). A message is only parsed (orjson) and
+  its body written back; no breaker is asked or told; every answer counts as delivered.
+  What is left is the queue's machinery (claim, hand-over, request, ack), so its ratio
+  to the ceiling bounds what any speed-up of the forwarder's own per-message work can
+  reach.
 
 The benchmark's experiments use it to size changes before anyone makes them in the core.
 """
@@ -19,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import orjson
@@ -73,7 +80,32 @@ def main() -> int:
             gc.set_threshold(a, b, c)
 
         forwarder.worker.tune_gc = tune_gc
+    if os.environ.get("BENCH_FLOOR") == "1":
+        _floor(forwarder.worker)
     return forwarder_main(["worker", *sys.argv[1:]])
+
+
+def _floor(module: ModuleType) -> None:
+    from forwarder.model import Decoded
+    from forwarder.outcome import Outcome
+    from forwarder.queue import Settlement
+
+    def decode(raw: bytes, max_bytes: int) -> Decoded:
+        message = orjson.loads(raw)
+        body = orjson.dumps(message["body"])
+        message["body"] = orjson.Fragment(body)
+        return Decoded(message, body)
+
+    def refused(self: Any, job: Any, host: str) -> None:
+        return None
+
+    def after(self: Any, job: Any, host: str, attempt: Any) -> Outcome:
+        ack = Settlement("ack", job.claimed.token)
+        return Outcome(ack, "delivered", None, job.message, attempt)
+
+    module.decode = decode  # type: ignore[attr-defined]
+    module.Worker._refused = refused
+    module.Worker._after = after
 
 
 if __name__ == "__main__":
