@@ -18,6 +18,10 @@ async def read_at_most(resp: aiohttp.ClientResponse, most: int = MAX_ANSWER_BYTE
     Read to its end, the body frees the connection for the pool, even when empty.
     """
     length = resp.content_length
+    # A compressed answer's Content-Length counts what comes over the wire, but aiohttp
+    # hands over the body decompressed: only the bytes read can say how long it is.
+    if "Content-Encoding" in resp.headers:
+        length = None
     if length is not None and length <= most:
         return await resp.read()
     if length is None:

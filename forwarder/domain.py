@@ -8,10 +8,15 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+import structlog
 
 from forwarder.answers import MAX_ANSWER_BYTES, read_at_most
 
+log = structlog.get_logger("forwarder.domain")
+
 SERVICE = "msdkgw"
+# How long a host whose refresh failed is used before the Domain API is asked again.
+STALE_RETRY = 30.0
 
 
 class DomainLookupError(Exception):
@@ -22,7 +27,9 @@ class DomainResolver:
     """Looks up and caches the ``msdkgw`` base URI per account.
 
     Concurrent lookups for one account share a single request, so a burst of messages
-    for a cold account costs one call to the Domain API, not one per message.
+    for a cold account costs one call to the Domain API, not one per message. A host
+    whose refresh fails stays in use (the domain rarely changes): a Domain API outage
+    must not spend every message's retries, nor dead-letter accounts whose host is known.
     """
 
     def __init__(
@@ -54,6 +61,20 @@ class DomainResolver:
         return await asyncio.shield(pending)
 
     async def _lookup(self, account_id: str) -> str:
+        try:
+            host = await self._fetch(account_id)
+        except DomainLookupError as exc:
+            known = self._cache.get(account_id)
+            if known is None:
+                raise
+            log.warning("domain_refresh_failed", account=account_id, error=str(exc))
+            host, ttl = known[0], min(self._ttl, STALE_RETRY)
+        else:
+            ttl = self._ttl
+        self._cache[account_id] = (host, time.monotonic() + ttl)
+        return host
+
+    async def _fetch(self, account_id: str) -> str:
         url = f"{self._api}/api/account/{quote(account_id, safe='')}/service/{SERVICE}/baseURI.json"
         try:
             async with self._session.get(
@@ -70,7 +91,6 @@ class DomainResolver:
         host = data.get("baseURI") if isinstance(data, dict) else None
         if not isinstance(host, str) or not _valid_host(host):
             raise DomainLookupError("domain API answer has no valid baseURI")
-        self._cache[account_id] = (host, time.monotonic() + self._ttl)
         return host
 
 

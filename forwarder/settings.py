@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,7 +43,7 @@ class Settings(BaseSettings):
     api_base_url: str | None = Field(
         default=None,
         description="when set (e.g. `http://127.0.0.1:8080`), every request goes there, "
-        "no domain lookup",
+        "no domain lookup; an absolute `http(s)` URL without credentials; empty = unset",
     )
     domain_api_url: str = Field(
         default="https://api.liveperson.net",
@@ -178,11 +179,29 @@ class Settings(BaseSettings):
             value = parse_duration(value) if value.strip() else None
         return None if value == 0 else value
 
-    @field_validator("redis_password", "redis_sentinel_password", mode="before")
+    @field_validator("redis_password", "redis_sentinel_password", "api_base_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # An env file or a Secret often carries the variable with nothing in it.
         return None if value == "" else value
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _absolute_base(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value)
+        bad = "must be an absolute http(s) URL with a host, e.g. http://host:8080"
+        try:
+            url.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError(bad) from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(bad)
+        if url.username is not None or url.password is not None:
+            # The host is a key in the breaker's log lines: credentials would be logged.
+            raise ValueError("must not carry credentials")
+        return value
 
     @field_validator("retry_delays")
     @classmethod

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 import redis
 
 from forwarder.demo import samples
 from forwarder.embedded import free_port
 from forwarder.model import SessionUpdate
 from forwarder.queue import Keys
+from forwarder.settings import Settings
 
 QUEUE = Keys("forwarder").queue
 GOOD = {"accountId": "123", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
@@ -123,6 +125,23 @@ def test_a_breaker_that_could_never_open_is_refused() -> None:
     result = forwarder("worker", FORWARDER_BREAKER_WINDOW="5", FORWARDER_BREAKER_MIN_CALLS="10")
     assert result.returncode == 2
     assert b"breaker_min_calls must be at most breaker_window" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "base", ["127.0.0.1:8080", "ftp://host", "http://host:port", "http://svc:s3cret@host"]
+)
+def test_an_api_base_url_that_cannot_serve_is_refused_without_echoing_it(base: str) -> None:
+    # Taken as is, each made every PUT fail (retried, then dead-lettered), or logged the
+    # credentials with every breaker event.
+    result = forwarder("worker", FORWARDER_API_BASE_URL=base)
+    assert result.returncode == 2
+    assert b"api_base_url" in result.stderr
+    assert b"s3cret" not in result.stderr
+
+
+def test_an_empty_api_base_url_means_domain_lookups() -> None:
+    # As an env file gets it by uncommenting `FORWARDER_API_BASE_URL=`.
+    assert Settings(api_base_url="").api_base_url is None
 
 
 def _leftover_servers(data_dir: Path) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import itertools
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, cast
@@ -218,12 +219,17 @@ async def test_a_success_with_a_long_body_is_delivered(
     await assert_drained(redis_client)
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
 async def test_an_error_entity_over_the_cap_is_not_read(
-    redis_url: str, redis_client: Redis, standin: StandIn
+    redis_url: str, redis_client: Redis, standin: StandIn, compressed: bool
 ) -> None:
     entity = {"time": 1, "message": "m" * MAX_ANSWER_BYTES, "internalCode": 5}
 
     async def answer(rec: Received) -> web.StreamResponse:
+        if compressed:  # a few hundred bytes on the wire, over the cap once inflated
+            body = gzip.compress(orjson.dumps(entity))
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            return web.Response(status=400, body=body, headers=headers)
         return web.json_response(entity, status=400)
 
     standin.override = answer
@@ -369,6 +375,30 @@ async def test_domain_is_looked_up_once_per_account_and_cached(
     async with running(settings):
         await standin.wait_for(lambda api: len(api.delivered) == 10, 10)
     assert len(standin.domain_requests) == 1
+
+
+async def test_a_failed_domain_refresh_keeps_the_known_host(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    settings = fast_settings(
+        redis_url,
+        standin,
+        api_base_url=None,
+        domain_api_url=standin.base_url,
+        api_scheme="http",
+        domain_cache_ttl=0.2,
+        retry_delays=(0.1, 0.1),
+    )
+    async with running(settings):
+        await enqueue(redis_url, update("ok-1"))
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+        standin.domain_fail_accounts.add("12345678")  # the Domain API goes down
+        await asyncio.sleep(0.3)  # past the TTL
+        await enqueue(redis_url, update("ok-2"))
+        await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
+    assert len(standin.domain_requests) == 2  # the refresh was tried, once
+    assert await dead_records(redis_client) == []
+    await assert_drained(redis_client)
 
 
 async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout(
