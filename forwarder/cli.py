@@ -213,7 +213,7 @@ def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from forwarder.demo import run
 
-    return run(settings, count=args.count)
+    return run(settings, count=args.count, queue=args.queue)
 
 
 def _cmd_standin(args: argparse.Namespace, settings: Settings) -> int:

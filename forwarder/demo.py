@@ -161,14 +161,14 @@ def samples(count: int) -> list[dict[str, Any]]:
     ]
 
 
-def run(settings: Settings, *, count: int) -> int:
-    """Run the demo; returns the process exit code."""
+def run(settings: Settings, *, count: int, queue: str | None = None) -> int:
+    """Run the demo on ``queue`` (by default a queue of its own); the exit code."""
     DATA_DIR.mkdir(exist_ok=True)
     updates = samples(count)
     (DATA_DIR / "samples.ndjson").write_bytes(b"\n".join(orjson.dumps(u) for u in updates))
-    if "queue" not in settings.model_fields_set:
-        # Never drain a real queue into the stand-in: the demo has a queue of its own.
-        settings = settings.model_copy(update={"queue": DEMO_QUEUE})
+    # Never drain a real queue into the stand-in: FORWARDER_QUEUE, which a worker's
+    # environment sets, is not the demo's; only a queue named on its command line is.
+    settings = settings.model_copy(update={"queue": queue or DEMO_QUEUE})
     with open(DATA_DIR / "worker.log", "w") as log_file:
         logs.configure(settings.log_level, "json", stream=log_file)
         return asyncio.run(_demo(settings, updates))
@@ -192,6 +192,12 @@ async def _demo(settings: Settings, updates: list[dict[str, Any]]) -> int:
             f"retry delays: {DEMO_DELAYS} s (demo only; the default is 5,10,15)\n"
             f"worker log:   {DATA_DIR / 'worker.log'}\n"
         )
+        if not await _queue_is_free(settings):
+            print(
+                f"queue {settings.queue!r} holds messages: the demo needs an empty queue",
+                file=sys.stderr,
+            )
+            return 2
         enqueued = await _enqueue(settings, updates)
         finished = await _run_worker(settings, api, enqueued)
         await _summary(settings, api, finished)
@@ -213,12 +219,23 @@ async def _redis(settings: Settings) -> AsyncIterator[str]:
         await asyncio.to_thread(server.stop)
 
 
+async def _queue_is_free(settings: Settings) -> bool:
+    """Whether the demo may use the queue: its own (what an interrupted run left there is
+    cleared), or another with nothing in it."""
+    keys = Keys(settings.queue)
+    redis = redis_client(settings)
+    try:
+        if settings.queue == DEMO_QUEUE:
+            await redis.delete(keys.queue, keys.delayed, keys.dead)
+            return True
+        return not await redis.exists(keys.queue, keys.delayed, keys.dead)
+    finally:
+        await redis.aclose()
+
+
 async def _enqueue(settings: Settings, updates: list[dict[str, Any]]) -> int:
     producer = Producer(redis_client(settings), settings.queue)
-    keys = Keys(settings.queue)
     try:
-        # Left over from an interrupted demo run: the demo's own keys only.
-        await producer.client.delete(keys.queue, keys.delayed, keys.dead)
         await producer.enqueue_many(updates)
         # What a broken producer might push with a raw LPUSH.
         await producer.client.lpush(producer.key, *MALFORMED)

@@ -16,7 +16,9 @@ from forwarder.model import MAX_MESSAGE_BYTES
 class Settings(BaseSettings):
     """Settings read from the environment; CLI flags override single fields."""
 
-    model_config = SettingsConfigDict(env_prefix="FORWARDER_", extra="ignore")
+    # No NaN or infinity anywhere: a NaN retry delay made the settle script fail after it
+    # had taken the message out of flight (lost); an infinite one parked it for good.
+    model_config = SettingsConfigDict(env_prefix="FORWARDER_", extra="ignore", allow_inf_nan=False)
 
     redis_url: str = Field(
         default="redis://localhost:6379/0",
@@ -222,6 +224,21 @@ class Settings(BaseSettings):
         # More calls than the window holds would never be seen: the breaker never opens.
         if self.breaker_min_calls > self.breaker_window:
             raise ValueError("breaker_min_calls must be at most breaker_window")
+        return self
+
+    @model_validator(mode="after")
+    def _turns_outlast_waits(self) -> Settings:
+        # A turn's holder waiting out a retry, a Retry-After or an open breaker leaves its
+        # turn untouched: were that longer than the turn timeout, the session's next
+        # update would take the turn over and go first. Twice, for the queue in between.
+        if self.ordering != "session":
+            return self
+        waits = (*self.retry_delays, self.max_retry_after, self.breaker_max_cooldown)
+        if self.turn_timeout < 2 * max(*waits, self.request_timeout, self.worker_timeout):
+            raise ValueError(
+                "turn_timeout must be at least twice the longest retry delay, "
+                "max_retry_after, breaker_max_cooldown, request_timeout and worker_timeout"
+            )
         return self
 
     @model_validator(mode="after")

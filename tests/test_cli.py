@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import redis
+from pydantic import ValidationError
 
 from forwarder.demo import samples
 from forwarder.embedded import free_port
@@ -139,6 +141,22 @@ def test_an_api_base_url_that_cannot_serve_is_refused_without_echoing_it(base: s
     assert b"s3cret" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"retry_delays": "5,nan"},  # the settle script failed: the message was lost
+        {"retry_delays": "inf"},  # parked for good
+        {"max_retry_after": float("inf")},
+        # An update could take its session's turn from an older one waiting out a retry.
+        {"ordering": "session", "turn_timeout": 2.0},
+    ],
+    ids=["nan_delay", "inf_delay", "inf_retry_after", "turn_shorter_than_waits"],
+)
+def test_settings_that_would_lose_or_reorder_messages_are_refused(values: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**values)
+
+
 def test_an_empty_api_base_url_means_domain_lookups() -> None:
     # As an env file gets it by uncommenting `FORWARDER_API_BASE_URL=`.
     assert Settings(api_base_url="").api_base_url is None
@@ -162,6 +180,30 @@ def test_demo_runs_the_whole_flow_on_a_private_redis(tmp_path: Path) -> None:
     assert "Try next" in out
     assert (tmp_path / ".forwarder-demo" / "samples.ndjson").exists()
     assert _leftover_servers(tmp_path / ".forwarder-demo") == []
+
+
+def test_demo_leaves_a_real_queue_alone(tmp_path: Path, redis_url: str) -> None:
+    real = Keys("prod")
+    client = redis.Redis.from_url(redis_url)
+    client.lpush(real.queue, b"pending")
+    client.zadd(real.delayed, {b"waiting": 1.0})
+    client.lpush(real.dead, b"dead")
+    # A worker's environment names its queue: the demo keeps to its own all the same.
+    ran = forwarder(
+        "demo", "--count", "5", cwd=tmp_path, FORWARDER_REDIS_URL=redis_url, FORWARDER_QUEUE="prod"
+    )
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    assert "(queue 'forwarder-demo')" in ran.stdout.decode()
+    # Named on its command line, a queue with messages in it is refused.
+    refused = forwarder(
+        "demo", "--count", "5", "--queue", "prod", cwd=tmp_path, FORWARDER_REDIS_URL=redis_url
+    )
+    assert refused.returncode == 2
+    assert b"holds messages" in refused.stderr
+    assert client.lrange(real.queue, 0, -1) == [b"pending"]
+    assert client.zrange(real.delayed, 0, -1) == [b"waiting"]
+    assert client.lrange(real.dead, 0, -1) == [b"dead"]
+    client.close()
 
 
 def test_demo_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:

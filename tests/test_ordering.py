@@ -147,11 +147,13 @@ async def test_a_turn_whose_holder_was_lost_is_taken_over_without_a_new_update(
     await enqueue(redis_url, [seq_update(0, i) for i in range(3)])
     # A worker claims them (the first holds the turn, the others wait in the held list),
     # then its in-flight record is lost outside the forwarder (a manual DEL).
-    ghost = Queue(redis_client, "forwarder", "ghost", ordered=True, turn_timeout=0.5)
+    ghost = Queue(redis_client, "forwarder", "ghost", ordered=True, turn_timeout=2.0)
     assert len(await ghost.claim(10)) == 1
     await redis_client.delete(KEYS.inflight("ghost"))
     await redis_client.zrem(KEYS.workers, "ghost")
-    async with running(ordered(redis_url, standin, turn_timeout=0.5)):
+    # A turn timeout at least twice as long as any wait of a turn's holder.
+    short = {"request_timeout": 0.5, "max_retry_after": 1.0, "breaker_max_cooldown": 1.0}
+    async with running(ordered(redis_url, standin, turn_timeout=2.0, **short)):
         # No later update of the session comes to take the turn over: the sweep does.
         await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
     assert [r.body["pageId"] for r in standin.requests] == ["1", "2"]
