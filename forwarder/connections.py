@@ -54,6 +54,7 @@ SENTINEL_PORT = 26379
 EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 PLAIN_SCHEMES = {"redis", "rediss"}
+UNREADABLE = "host:port expected (percent-encode any / ? # @ in the password)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +97,14 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 def _host_port(text: str) -> tuple[str, int]:
     # urlsplit's .hostname/.port cannot read a comma-separated host list, so each
     # entry is parsed as the authority of a URL of its own.
+    # Never quoted in the error: a password with an unencoded / or ? ends up here.
     one = urlsplit(f"//{text}")
     try:
         port = one.port
     except ValueError:
-        raise ValueError(f"bad sentinel address {text!r}") from None
+        raise ValueError(f"bad sentinel address: {UNREADABLE}") from None
     if not one.hostname:
-        raise ValueError(f"empty sentinel address in {text!r}")
+        raise ValueError(f"empty sentinel address: {UNREADABLE}")
     return one.hostname, port or SENTINEL_PORT
 
 
@@ -123,6 +125,13 @@ def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_passwor
         raise ValueError("a sentinel password needs a redis+sentinel:// URL")
     if parts.scheme not in PLAIN_SCHEMES and not (parts.scheme == "unix" and not cluster):
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
+    if parts.scheme in PLAIN_SCHEMES:
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError(f"bad Redis address: {UNREADABLE}") from None
+        if not parts.hostname:
+            raise ValueError(f"no Redis host: {UNREADABLE}")
     if password and parts.password:
         raise ValueError("the Redis password is given both in the URL and on its own")
     if cluster and parts.path.strip("/") not in ("", "0"):

@@ -51,7 +51,7 @@ from forwarder.deadletters import (
     tally,
 )
 from forwarder.settings import Settings, parse_duration
-from forwarder.stats import human_age
+from forwarder.stats import PipeConsole, human_age, silence_stdout
 
 # Seconds between progress lines when stderr is not a terminal.
 PROGRESS_EVERY = 2.0
@@ -176,7 +176,7 @@ def _command(run: Run, *, reader_may_stop: bool) -> Callable[[argparse.Namespace
             _say("interrupted; each record is either moved whole or where it was")
             return 130
         except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            silence_stdout()
             if reader_may_stop or getattr(args, "dry_run", False):
                 return 0
             _say("stopped: standard output was closed (the counts above are what was done)")
@@ -213,16 +213,8 @@ async def _stats(args: argparse.Namespace, store: DeadLetters) -> int:
     if args.json:
         _write_json(totals.as_json())
     else:
-        _render_totals(totals, _Stdout())
+        _render_totals(totals, PipeConsole())
     return 0
-
-
-class _Stdout(Console):
-    """stdout, whose closing is for :func:`_command` to judge, as with print (rich's own
-    handling exits with 1)."""
-
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError
 
 
 async def _list(args: argparse.Namespace, store: DeadLetters) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from urllib.parse import quote
 
@@ -94,7 +95,12 @@ class DomainResolver:
         return host
 
 
+# The answer becomes part of a URL: a bare ASCII host[:port], nothing that could add a
+# path, credentials or another scheme, nor fail to build a URL (cached, that would fail
+# every message of the account until the TTL ran out).
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::([0-9]{1,5}))?")
+
+
 def _valid_host(host: str) -> bool:
-    # The answer becomes part of a URL: a bare host[:port], nothing that could add a
-    # path, credentials or another scheme.
-    return bool(host) and all(c.isalnum() or c in ".-:" for c in host)
+    match = _HOST.fullmatch(host)
+    return match is not None and int(match[1] or 0) <= 65535

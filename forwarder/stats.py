@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, cast
@@ -269,9 +270,25 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     stats.set_defaults(func=_cmd_stats)
 
 
+class PipeConsole(Console):
+    """stdout, whose closing (``... | head``) raises BrokenPipeError for the command to
+    judge, as print's does (rich's own handling exits with 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
+def silence_stdout() -> None:
+    """Point a closed stdout at /dev/null, so that the flush at exit cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_stats(settings, as_json=args.json, watch=args.watch))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_stats(settings, as_json=args.json, watch=args.watch))
+    except BrokenPipeError:
+        silence_stdout()  # the reader has what it wanted (``stats --watch | head -1``)
     return 0
 
 
@@ -279,7 +296,7 @@ async def _stats(settings: Settings, *, as_json: bool, watch: bool) -> None:
     redis = redis_client(settings)
     state = QueueState(redis, settings.queue, settings.worker_timeout)
     ordered = settings.ordering == "session"
-    console = Console()
+    console = PipeConsole()
     try:
         if watch and console.is_terminal and not as_json:
             await _watch_in_place(state, settings.queue, console, ordered=ordered)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import redis
 from pydantic import ValidationError
 
 from forwarder.demo import samples
-from forwarder.embedded import free_port
+from forwarder.embedded import RedisServer, free_port
 from forwarder.model import SessionUpdate
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -94,6 +95,67 @@ def test_enqueue_refuses_what_the_workers_max_message_bytes_would_dead_letter(
     queued = [orjson.loads(r)["id"] for r in client.lrange(QUEUE, 0, -1)]
     client.close()
     assert queued == ["small"]
+
+
+def test_enqueue_stopped_while_a_slow_pipe_waits_sends_every_line_read(redis_url: str) -> None:
+    # A producer piping updates as they come: the lines read so far wait for more to
+    # make a batch. Stopped (SIGTERM, as a supervisor does), they went nowhere.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", "enqueue", "-", "--redis-url", redis_url],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean,
+    )
+    assert proc.stdin is not None
+    client = redis.Redis.from_url(redis_url)
+    lines = (orjson.dumps({**GOOD, "id": str(i)}) + b"\n" for i in range(100))
+    # A line now and then: once one comes FLUSH_EVERY after the last send, what was read
+    # goes out (so the reader is in its loop by then).
+    deadline = time.monotonic() + 30
+    while not client.llen(QUEUE) and time.monotonic() < deadline:
+        proc.stdin.write(next(lines))
+        proc.stdin.flush()
+        time.sleep(0.3)
+    sent_before = client.llen(QUEUE)
+    for _ in range(3):  # read at once, then they wait for more to come
+        proc.stdin.write(next(lines))
+    proc.stdin.flush()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    written = 100 - len(list(lines))
+    assert sent_before > 0
+    assert client.llen(QUEUE) == written, err
+    assert f"enqueued {written}, invalid 0".encode() in err
+    client.close()
+
+
+def test_enqueue_names_the_lines_redis_refused(own_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    client.config_set("maxmemory", "3mb")  # noeviction: full, it refuses writes
+    data = b"\n".join(orjson.dumps({**GOOD, "id": f"{i:05}"}) for i in range(30_000))
+    result = forwarder("enqueue", "-", "--redis-url", own_redis.url, stdin=data)
+    err = result.stderr.decode()
+    landed = client.llen(QUEUE)
+    client.close()
+    assert result.returncode == 1
+    assert "Redis refused: OutOfMemoryError" in err
+    assert 0 < landed < 30_000
+    # What landed is counted; what did not is named, so the rest can be sent again.
+    assert f"enqueued {landed}, invalid 0" in err
+    refused = [tuple(map(int, m)) for m in re.findall(r"lines (\d+)-(\d+): not enqueued", err)]
+    [stopped] = map(int, re.findall(r"stopped after line (\d+)", err))
+    unread = 30_000 - stopped
+    assert sum(last - first + 1 for first, last in refused) + unread == 30_000 - landed
+
+
+def test_enqueue_of_a_missing_file_says_so(tmp_path: Path) -> None:
+    result = forwarder("enqueue", str(tmp_path / "missing.ndjson"))
+    assert result.returncode == 2
+    assert b"cannot read" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 def test_enqueue_with_redis_down_says_so() -> None:

@@ -325,6 +325,19 @@ def test_incoherent_redis_settings_are_refused_at_startup(
         Settings(**values)
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://:s3cr3t/pw@h:6379/0", "redis+sentinel://:s3cr3t/pw@s1:26379/m/0"]
+)
+def test_an_unreadable_redis_url_is_refused_without_quoting_its_password(url: str) -> None:
+    # A password with an unencoded /: it was quoted in the error (the plain URL's
+    # in a traceback, at the worker's first connection).
+    with pytest.raises(ValidationError) as caught:
+        Settings(redis_url=url)
+    [error] = caught.value.errors()
+    assert "percent-encode" in error["msg"]
+    assert "s3cr3t" not in error["msg"]
+
+
 def test_an_empty_password_variable_means_no_password() -> None:
     settings = Settings(redis_password="", redis_sentinel_password="")
     assert (settings.redis_password, settings.redis_sentinel_password) == (None, None)

@@ -14,7 +14,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from forwarder.embedded import free_port
+from forwarder.embedded import RedisServer, free_port
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys, Queue
 from forwarder.stats import HELD_COUNT_CAP, human_age
@@ -175,6 +175,32 @@ def test_watch_refreshes_until_ctrl_c(redis_url: str, flags: list[str]) -> None:
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert snapshots == 2
+
+
+@pytest.mark.parametrize("flags", [["--json"], []])
+def test_a_closed_stdout_ends_a_watch_quietly(redis_url: str, flags: list[str]) -> None:
+    # `stats --watch | head -1`: the reader has what it wanted.
+    unread, stdout = os.pipe()
+    os.close(unread)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    argv = [sys.executable, "-m", "forwarder", "stats", "--watch", *flags]
+    proc = subprocess.Popen(
+        [*argv, "--redis-url", redis_url], stdout=stdout, stderr=subprocess.PIPE, env=env
+    )
+    os.close(stdout)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (0, b"")
+
+
+def test_a_hung_redis_is_unreachable_too(own_redis: RedisServer) -> None:
+    assert own_redis.pid is not None
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    try:
+        result = stats("--redis-url", own_redis.url)
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    assert result.returncode == 3  # as documented, not 1 ("Redis refused")
+    assert b"cannot reach Redis" in result.stderr
 
 
 def test_unreachable_redis_is_a_clear_error() -> None:

@@ -9,6 +9,7 @@ import itertools
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, cast
 
+import aiohttp
 import orjson
 import pytest
 import structlog
@@ -19,6 +20,7 @@ from forwarder import cli, model
 from forwarder import worker as worker_module
 from forwarder.answers import MAX_ANSWER_BYTES
 from forwarder.deadletters import Retention
+from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import Received, StandIn
@@ -399,6 +401,29 @@ async def test_a_failed_domain_refresh_keeps_the_known_host(
     assert len(standin.domain_requests) == 2  # the refresh was tried, once
     assert await dead_records(redis_client) == []
     await assert_drained(redis_client)
+
+
+@pytest.mark.parametrize(
+    "host", ["\uff45vil.example", "127.0.0.1:443:1", "h:65536", "xn--", "h/x", "u@h", ""]
+)
+async def test_a_domain_api_host_that_cannot_make_a_url_fails_the_lookup(host: str) -> None:
+    # Taken, it was cached for the TTL and crashed every delivery of the account.
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"service": "msdkgw", "baseURI": host})
+
+    app = web.Application()
+    app.router.add_get("/api/account/{account}/service/msdkgw/baseURI.json", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            resolver = DomainResolver(session, url, ttl=60, timeout=5)
+            with pytest.raises(DomainLookupError, match="no valid baseURI"):
+                await resolver.host("12345678")
+    finally:
+        await runner.cleanup()
 
 
 async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout(
