@@ -28,10 +28,12 @@ State = Literal["closed", "open", "half_open"]
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """Whether a request may go to a host now: ``wait`` seconds to park it, or go."""
+    """Whether a request may go to a host now: ``wait`` seconds to park it, and ``why``
+    (``circuit_open``, or ``host_throttled`` while it asked to slow down); or go."""
 
     wait: float | None
     probe: bool = False
+    why: str = "circuit_open"
 
 
 _GO = Admission(None)
@@ -79,7 +81,7 @@ class Breakers:
         if h.paused_until:
             now = self._clock()
             if h.paused_until > now:
-                return Admission(h.paused_until - now + _jitter(1.0))
+                return Admission(h.paused_until - now + _jitter(1.0), why="host_throttled")
             h.paused_until = 0.0  # over: the common case below needs no clock
         if h.state == "closed":
             return _GO

@@ -265,9 +265,8 @@ def _status_class(status: object) -> str:
 
 
 def _park_cause(why: object) -> str:
-    if why == "http_429":
-        return "rate_limited"
-    return "circuit_open" if why == "circuit_open" else "probe_failed"
+    # A 429, or another message of a host that answered one: the host asked to slow down.
+    return "rate_limited" if why in ("http_429", "host_throttled") else "circuit_open"
 
 
 class Listener:

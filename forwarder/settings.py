@@ -224,6 +224,9 @@ class Settings(BaseSettings):
         # More calls than the window holds would never be seen: the breaker never opens.
         if self.breaker_min_calls > self.breaker_window:
             raise ValueError("breaker_min_calls must be at most breaker_window")
+        # A cap below the first cool-down would shorten it after a failed probe.
+        if self.breaker_cooldown > self.breaker_max_cooldown:
+            raise ValueError("breaker_cooldown must be at most breaker_max_cooldown")
         return self
 
     @model_validator(mode="after")

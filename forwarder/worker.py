@@ -311,7 +311,7 @@ class Worker:
         job.probe = admission.probe
         if admission.wait is None:
             return None
-        return outcome.parked(job.claimed, job.message, admission.wait, "circuit_open")
+        return outcome.parked(job.claimed, job.message, admission.wait, admission.why)
 
     def _after(self, job: _Job, host: str, attempt: Attempt) -> Outcome:
         # A probe is a real attempt: it spends one, so a message that fails alone on a

@@ -211,8 +211,10 @@ def test_an_api_base_url_that_cannot_serve_is_refused_without_echoing_it(base: s
         {"max_retry_after": float("inf")},
         # An update could take its session's turn from an older one waiting out a retry.
         {"ordering": "session", "turn_timeout": 2.0},
+        # Its cool-down shrank after a failed probe, where it should double.
+        {"breaker_cooldown": 30.0, "breaker_max_cooldown": 5.0},
     ],
-    ids=["nan_delay", "inf_delay", "inf_retry_after", "turn_shorter_than_waits"],
+    ids=["nan_delay", "inf_delay", "inf_retry_after", "turn_shorter_than_waits", "cooldown_cap"],
 )
 def test_settings_that_would_lose_or_reorder_messages_are_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):

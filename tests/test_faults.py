@@ -87,9 +87,11 @@ def test_breaker_pause_holds_a_host_for_retry_after() -> None:
     clock = Clock()
     b = breakers(clock)
     b.pause("h", 3.0)
-    wait = b.admit("h").wait
-    assert wait is not None
-    assert 3.0 <= wait <= 4.0
+    parked = b.admit("h")
+    assert parked.wait is not None
+    assert 3.0 <= parked.wait <= 4.0
+    assert parked.why == "host_throttled"  # not circuit_open: the breaker is closed
+    assert b.state("h") == "closed"
     clock.now += 3.0
     assert b.admit("h").wait is None
 

@@ -250,7 +250,7 @@ def test_parked_messages_are_counted_by_cause() -> None:
     metrics = Metrics()
     metrics.observe(
         Outcome(Settlement("retry", 1, b"{}", 1.0), "parked", {"id": "x", "why": why})
-        for why in ("http_429", "circuit_open", "http_503")
+        for why in ("http_429", "host_throttled", "circuit_open")
     )
     samples = {
         s.labels["cause"]: s.value
@@ -258,7 +258,7 @@ def test_parked_messages_are_counted_by_cause() -> None:
         for s in family.samples
         if s.name.endswith("_total")
     }
-    assert samples == {"rate_limited": 1, "circuit_open": 1, "probe_failed": 1}
+    assert samples == {"rate_limited": 2, "circuit_open": 1}
 
 
 def test_a_tally_exposes_what_a_prometheus_histogram_does() -> None:
