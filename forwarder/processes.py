@@ -3,7 +3,8 @@
 Each child is a plain ``forwarder worker`` with the same settings (the parent's flags
 passed on as environment variables) and its own metrics port (the base port + its
 index). SIGTERM or SIGINT to the parent reaches every child, which stops as one worker
-does; the parent exits when all have, with the worst exit code. A child that exits on
+does; the parent exits when all have, with the worst exit code (a child that this
+SIGTERM killed while it was still starting took nothing: a clean stop). A child that exits on
 its own stops the others too: the orchestrator, not this parent, restarts workers. A
 parent killed outright (SIGKILL) takes its children with it, on Linux: they get
 SIGTERM and stop cleanly, rather than go on unsupervised beside a restarted parent's.
@@ -46,7 +47,15 @@ def supervise(count: int, env: Mapping[str, str], metrics_port: int) -> int:
             log.error("worker_process_exited", pid=exited[0].pid, code=exited[0].returncode)
             forward(signal.SIGTERM, None)
         time.sleep(0.1)
-    return max(abs(int(c.returncode)) for c in children)
+    return max(_exit_code(c.returncode, stopping) for c in children)
+
+
+def _exit_code(returncode: int, stopping: bool) -> int:
+    # A child that the SIGTERM we sent killed before it could handle it was still
+    # starting: it had taken nothing, so that is a clean stop, not a failure.
+    if stopping and returncode == -signal.SIGTERM:
+        return 0
+    return abs(returncode)
 
 
 def _spawn(index: int, env: Mapping[str, str], metrics_port: int) -> subprocess.Popen[bytes]:

@@ -204,5 +204,25 @@ async def test_a_parent_killed_outright_takes_its_worker_processes_with_it(
     assert log.read_text().count("worker_stopped") == 2
 
 
+async def test_processes_stopped_while_their_workers_start_exit_0(
+    redis_url: str, standin: StandIn, tmp_path: Path
+) -> None:
+    log = tmp_path / "workers.log"
+    parent = worker_process(redis_url, standin, log, "--processes", "2")
+    try:
+        # The parent is up (its handlers set); its children are still importing.
+        await wait_until(lambda: _logged(log, "workers_started"), 10, "the parent to start")
+        parent.send_signal(signal.SIGTERM)
+        # A supervisor's normal stop, not a failure (it was exit 15).
+        assert await wait_exit(parent, 15) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+async def _logged(log: Path, event: str) -> bool:
+    return event in await asyncio.to_thread(log.read_text)
+
+
 async def _workers_are(redis: Redis, n: int) -> bool:
     return int(await redis.zcard(KEYS.workers)) == n
