@@ -5,29 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from typing import IO
 
 import redis
 from pydantic import ValidationError
 
 from forwarder import dlq, logs, stats
-from forwarder.connections import SyncRedis, sync_redis_client
-from forwarder.model import InvalidMessage, format_errors, message_json_schema, parse_object
-from forwarder.producer import InvalidUpdate, encode
+from forwarder.connections import sync_redis_client
+from forwarder.model import format_errors, message_json_schema
+from forwarder.ndjson import enqueue_lines
 from forwarder.queue import Keys
 from forwarder.settings import Settings
-
-ENQUEUE_BATCH = 1000
-# Batches sent per pipeline round trip.
-PIPELINE_DEPTH = 10
-# Seconds read lines may wait to be sent, when they come slowly (a pipe from a producer).
-FLUSH_EVERY = 0.2
 
 
 def _settings_flags() -> argparse.ArgumentParser:
@@ -161,147 +153,16 @@ def _cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         print(f"forwarder: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     client = sync_redis_client(settings)
-    sender = _Sender(client, Keys(settings.queue).queue)
-    invalid = number = 0
-    stop = _StopOnSignal()
     try:
-        with stop:
-            for number, line in _read_lines(source, stop):
-                if not line.strip():
-                    continue
-                raw = _valid_line(line, number, settings.max_message_bytes)
-                if raw is None:
-                    invalid += 1
-                    continue
-                sender.add(raw, number)
-                if sender.due():
-                    sender.flush()
-            # Read and checked: sent, also when stopped (SIGTERM, Ctrl-C) while reading.
-            sender.flush()
-    except redis.RedisError:
-        print(f"stopped after line {number}: any later lines were not read", file=sys.stderr)
-        raise
+        key = Keys(settings.queue).queue
+        report = enqueue_lines(source.fileno(), client, key, settings.max_message_bytes)
     finally:
-        print(f"enqueued {sender.enqueued}, invalid {invalid}", file=sys.stderr)
         source.close()
         client.close()
-    if stop.signalled:
+    if report.stopped:
         print("forwarder: stopped by a signal; every line read was enqueued", file=sys.stderr)
         return 130
-    return 1 if invalid else 0
-
-
-class _Sender:
-    """Valid lines, pushed in pipelined ``LPUSH`` batches; what Redis refused is named."""
-
-    def __init__(self, client: SyncRedis, key: str) -> None:
-        self._pipe = client.pipeline(transaction=False)
-        self._key = key
-        self._batch: list[bytes] = []
-        self._lines = (0, 0)  # the batch's first and last line
-        self._queued: list[tuple[int, int, int]] = []  # first line, last line, count
-        self._sent_at = time.monotonic()
-        self.enqueued = 0
-
-    def add(self, raw: bytes, line: int) -> None:
-        self._lines = (self._lines[0] if self._batch else line, line)
-        self._batch.append(raw)
-        if len(self._batch) >= ENQUEUE_BATCH:
-            self._queue_batch()
-
-    def due(self) -> bool:
-        """A pipeline's worth waits, or a slow source's lines have waited long enough."""
-        if len(self._queued) >= PIPELINE_DEPTH:
-            return True
-        waiting = bool(self._batch or self._queued)
-        return waiting and time.monotonic() - self._sent_at >= FLUSH_EVERY
-
-    def flush(self) -> None:
-        """Send what waits; raise Redis' error, after naming the lines it refused."""
-        self._queue_batch()
-        self._sent_at = time.monotonic()
-        queued, self._queued = self._queued, []
-        if not queued:
-            return
-        refused: list[Exception] = []
-        results = self._pipe.execute(raise_on_error=False)
-        for (first, last, count), result in zip(queued, results, strict=True):
-            if isinstance(result, Exception):
-                print(f"lines {first}-{last}: not enqueued", file=sys.stderr)
-                refused.append(result)
-            else:
-                self.enqueued += count
-        if refused:
-            raise refused[0]
-
-    def _queue_batch(self) -> None:
-        if self._batch:
-            self._pipe.lpush(self._key, *self._batch)
-            self._queued.append((*self._lines, len(self._batch)))
-            self._batch = []
-
-
-class _Stopped(Exception):
-    """SIGTERM or SIGINT while a read waits for a line."""
-
-
-class _StopOnSignal:
-    """SIGTERM and SIGINT, noted; and raised as :class:`_Stopped` out of a read that waits
-    (a slow pipe), never elsewhere: not in the middle of a send, whose lines would be lost."""
-
-    def __init__(self) -> None:
-        self.signalled = False
-        self.reading = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopOnSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.signalled = True
-        if self.reading:
-            raise _Stopped
-
-
-def _read_lines(source: IO[bytes], stop: _StopOnSignal) -> Iterator[tuple[int, bytes]]:
-    """``source``'s lines, numbered, until its end or a stop signal."""
-    for number in itertools.count(1):
-        stop.reading = True
-        try:
-            line = source.readline()
-        except _Stopped:
-            return
-        finally:
-            stop.reading = False
-        if not line:
-            return
-        yield number, line
-        if stop.signalled:
-            return
-
-
-def _valid_line(line: bytes, number: int, max_bytes: int) -> bytes | None:
-    """The line's wire message; None, with its errors on stderr, if it is invalid."""
-    try:
-        _, raw = encode(_parse_line(line), number, max_bytes)
-    except InvalidUpdate as exc:
-        for error in exc.errors:
-            print(f"line {number}: {error}", file=sys.stderr)
-        return None
-    return raw
-
-
-def _parse_line(line: bytes) -> dict[str, Any]:
-    try:
-        return parse_object(line.strip())
-    except InvalidMessage as exc:
-        raise InvalidUpdate(exc.errors) from None
+    return 1 if report.invalid else 0
 
 
 def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:

@@ -194,7 +194,8 @@ async def _demo(settings: Settings, updates: list[dict[str, Any]]) -> int:
         )
         if not await _queue_is_free(settings):
             print(
-                f"queue {settings.queue!r} holds messages: the demo needs an empty queue",
+                f"queue {settings.queue!r} holds messages or has workers: "
+                "the demo needs a queue that nothing uses",
                 file=sys.stderr,
             )
             return 2
@@ -221,14 +222,16 @@ async def _redis(settings: Settings) -> AsyncIterator[str]:
 
 async def _queue_is_free(settings: Settings) -> bool:
     """Whether the demo may use the queue: its own (what an interrupted run left there is
-    cleared), or another with nothing in it."""
+    cleared), or another that nothing uses: no messages, and no workers (a live queue
+    drained empty still has them, and they would send the demo's updates for real)."""
     keys = Keys(settings.queue)
     redis = redis_client(settings)
     try:
         if settings.queue == DEMO_QUEUE:
             await redis.delete(keys.queue, keys.delayed, keys.dead)
             return True
-        return not await redis.exists(keys.queue, keys.delayed, keys.dead)
+        used = (keys.queue, keys.delayed, keys.dead, keys.workers, keys.sessions)
+        return not await redis.exists(*used)
     finally:
         await redis.aclose()
 

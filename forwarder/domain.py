@@ -28,9 +28,10 @@ class DomainResolver:
     """Looks up and caches the ``msdkgw`` base URI per account.
 
     Concurrent lookups for one account share a single request, so a burst of messages
-    for a cold account costs one call to the Domain API, not one per message. A host
-    whose refresh fails stays in use (the domain rarely changes): a Domain API outage
-    must not spend every message's retries, nor dead-letter accounts whose host is known.
+    for a cold account costs one call to the Domain API, not one per message. A host past
+    its TTL is refreshed in the background and stays in use, also when the refresh fails
+    (the domain rarely changes): a Domain API outage must neither delay nor spend the
+    retries of accounts whose host is known.
     """
 
     def __init__(
@@ -53,13 +54,24 @@ class DomainResolver:
         cached = self._cache.get(account_id)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        pending = self._pending.get(account_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self._lookup(account_id))
-            self._pending[account_id] = pending
-            pending.add_done_callback(lambda _: self._pending.pop(account_id, None))
+        pending = self._pending.get(account_id) or self._start_lookup(account_id)
+        if cached is not None:
+            # Expired: refreshed in the background, the known host used meanwhile. A Domain
+            # API that hangs would otherwise hold the account's messages for the timeout.
+            return cached[0]
         # shield: one waiter's cancellation must not cancel the others' shared lookup.
         return await asyncio.shield(pending)
+
+    def _start_lookup(self, account_id: str) -> asyncio.Future[str]:
+        pending = asyncio.ensure_future(self._lookup(account_id))
+        self._pending[account_id] = pending
+        pending.add_done_callback(lambda done: self._lookup_done(account_id, done))
+        return pending
+
+    def _lookup_done(self, account_id: str, done: asyncio.Future[str]) -> None:
+        self._pending.pop(account_id, None)
+        if not done.cancelled():
+            done.exception()  # a refresh no one awaited: its failure was logged, not lost
 
     async def _lookup(self, account_id: str) -> str:
         try:

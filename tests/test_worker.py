@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import gzip
 import itertools
-from collections.abc import AsyncIterator, MutableMapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, cast
 
 import aiohttp
@@ -398,9 +400,46 @@ async def test_a_failed_domain_refresh_keeps_the_known_host(
         await asyncio.sleep(0.3)  # past the TTL
         await enqueue(redis_url, update("ok-2"))
         await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
-    assert len(standin.domain_requests) == 2  # the refresh was tried, once
+        await standin.wait_for(lambda api: len(api.domain_requests) == 2, 10)  # the refresh
+    assert len(standin.domain_requests) == 2  # tried once, not once a message
     assert await dead_records(redis_client) == []
     await assert_drained(redis_client)
+
+
+@contextlib.asynccontextmanager
+async def _domain_api(
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A Domain API answering every lookup with ``answer``; its base URL."""
+    app = web.Application()
+    app.router.add_get("/api/account/{account}/service/msdkgw/baseURI.json", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_expired_host_is_used_while_a_hanging_domain_api_is_asked_again() -> None:
+    calls: list[float] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        if len(calls) > 1:
+            await asyncio.sleep(4)  # hangs, past the lookup's timeout
+        return web.json_response({"service": "msdkgw", "baseURI": "va.example.net"})
+
+    async with _domain_api(answer) as url, aiohttp.ClientSession() as session:
+        resolver = DomainResolver(session, url, ttl=0.1, timeout=3)
+        assert await resolver.host("12345678") == "va.example.net"
+        await asyncio.sleep(0.2)  # past the TTL
+        started = time.monotonic()
+        assert await resolver.host("12345678") == "va.example.net"
+        assert time.monotonic() - started < 0.5  # not the 3 s the refresh takes
+        await asyncio.sleep(0.1)
+        assert len(calls) == 2  # the refresh is on its way
 
 
 @pytest.mark.parametrize(
@@ -411,19 +450,10 @@ async def test_a_domain_api_host_that_cannot_make_a_url_fails_the_lookup(host: s
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"service": "msdkgw", "baseURI": host})
 
-    app = web.Application()
-    app.router.add_get("/api/account/{account}/service/msdkgw/baseURI.json", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            resolver = DomainResolver(session, url, ttl=60, timeout=5)
-            with pytest.raises(DomainLookupError, match="no valid baseURI"):
-                await resolver.host("12345678")
-    finally:
-        await runner.cleanup()
+    async with _domain_api(answer) as url, aiohttp.ClientSession() as session:
+        resolver = DomainResolver(session, url, ttl=60, timeout=5)
+        with pytest.raises(DomainLookupError, match="no valid baseURI"):
+            await resolver.host("12345678")
 
 
 async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout(
@@ -432,28 +462,19 @@ async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout
     async def endless(request: web.Request) -> web.Response:
         return _endless_answer(200, [])
 
-    app = web.Application()
-    app.router.add_get("/api/account/{account}/service/msdkgw/baseURI.json", endless)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with _domain_api(endless) as url:
         await enqueue(redis_url, update("ok-1"))
         settings = fast_settings(
             redis_url,
             standin,
             api_base_url=None,
-            domain_api_url=f"http://127.0.0.1:{port}",
+            domain_api_url=url,
             api_scheme="http",
             retry_delays=(0.1,),
             request_timeout=30.0,
         )
         async with running(settings):
             await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
-    finally:
-        await runner.cleanup()
     assert standin.requests == []
     [record] = await dead_records(redis_client)
     assert (record["reason"], record["attempts"], record["lastError"]) == (
