@@ -15,6 +15,7 @@ sentinels that require their own get ``FORWARDER_REDIS_SENTINEL_PASSWORD``.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
@@ -286,3 +287,16 @@ async def eviction_policy(client: AsyncRedis) -> str | None:
     info = await client.info("memory")
     policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
     return policy if isinstance(policy, str) else None
+
+
+def raise_if_cancelled() -> None:
+    """Honour a cancellation (Ctrl-C, a stop) that redis-py swallowed.
+
+    A cancel that lands in a command can come out of redis-py as a connection error, which
+    its retry then absorbs: the command succeeds and the task goes on as if never
+    cancelled (seen in a few percent of Ctrl-Cs during a replay). The request stays
+    recorded on the task; call this after Redis calls in loops that must stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -33,7 +33,7 @@ from typing import Any, cast, get_args
 import orjson
 import structlog
 
-from forwarder.connections import AsyncRedis
+from forwarder.connections import AsyncRedis, raise_if_cancelled
 from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -281,6 +281,7 @@ class DeadLetters:
         # the ones still there are passed over, not yielded again.
         read: set[bytes] = set()
         while rows := await self._next_rows(cursor):
+            raise_if_cancelled()  # Ctrl-C: stop between pages
             self._taken.clear()
             page = [r for r in map(DeadLetter.parse, reversed(rows)) if r.digest not in read]
             read.update(r.digest for r in page)
@@ -321,6 +322,7 @@ class DeadLetters:
 
     async def replay(self, record: DeadLetter, message: bytes) -> bool:
         """Move ``record`` to the queue as ``message``; False if it was no longer dead."""
+        raise_if_cancelled()  # Ctrl-C: stop before the next record, not after it
         moved = bool(await self._replay([self.keys.dead, self.keys.queue], [record.raw, message]))
         if moved:
             self._taken.add(record.raw)
@@ -328,6 +330,7 @@ class DeadLetters:
 
     async def remove(self, records: list[DeadLetter]) -> list[bool]:
         """Delete ``records``; for each, whether it was still there."""
+        raise_if_cancelled()  # Ctrl-C: stop before the next page, not after it
         async with self.redis.pipeline(transaction=False) as pipe:
             for record in records:
                 # redis-py types list values as str; bytes go out as they are.

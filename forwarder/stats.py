@@ -20,7 +20,7 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
-from forwarder.connections import AsyncRedis, redis_client
+from forwarder.connections import AsyncRedis, raise_if_cancelled, redis_client
 from forwarder.model import iso_utc
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -303,6 +303,7 @@ async def _stats(settings: Settings, *, as_json: bool, watch: bool) -> None:
             return
         while True:
             snapshot = await state.read()
+            raise_if_cancelled()  # a Ctrl-C that redis-py swallowed still ends a watch
             if as_json:
                 sys.stdout.buffer.write(orjson.dumps(snapshot.as_json()) + b"\n")
                 sys.stdout.flush()
@@ -320,7 +321,9 @@ async def _watch_in_place(
 ) -> None:
     with Live(console=console, auto_refresh=False) as live:
         while True:
-            live.update(render(await state.read(), queue, ordered=ordered), refresh=True)
+            snapshot = await state.read()
+            raise_if_cancelled()
+            live.update(render(snapshot, queue, ordered=ordered), refresh=True)
             await asyncio.sleep(WATCH_INTERVAL)
 
 

@@ -34,7 +34,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from forwarder import outcome
 from forwarder.breaker import Breakers
 from forwarder.client import Attempt, EngagementClient, Put
-from forwarder.connections import EVICTING_POLICIES, AsyncRedis, eviction_policy, redis_client
+from forwarder.connections import (
+    EVICTING_POLICIES,
+    AsyncRedis,
+    eviction_policy,
+    raise_if_cancelled,
+    redis_client,
+)
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.metrics import Metrics, listening
@@ -512,11 +518,9 @@ class _Results:
 
 
 def _redis_down(during: str, exc: BaseException) -> None:
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        # redis-py can turn a cancellation into a connection error: honour the cancel,
-        # or a stopping worker would wait on this loop forever.
-        raise asyncio.CancelledError from exc
+    # The error may be a cancellation in disguise: a stopping worker would otherwise
+    # wait on this loop forever.
+    raise_if_cancelled()
     log.warning("redis_unavailable", during=during, error=type(exc).__name__)
 
 
