@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -95,6 +95,15 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
+def has_address(parts: SplitResult) -> bool:
+    """Whether ``parts`` has a host, and a port that is a number if any."""
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 def _host_port(text: str) -> tuple[str, int]:
     # urlsplit's .hostname/.port cannot read a comma-separated host list, so each
     # entry is parsed as the authority of a URL of its own.
@@ -126,13 +135,8 @@ def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_passwor
         raise ValueError("a sentinel password needs a redis+sentinel:// URL")
     if parts.scheme not in PLAIN_SCHEMES and not (parts.scheme == "unix" and not cluster):
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
-    if parts.scheme in PLAIN_SCHEMES:
-        try:
-            parts.port  # noqa: B018 (raises on a port that is not a number)
-        except ValueError:
-            raise ValueError(f"bad Redis address: {UNREADABLE}") from None
-        if not parts.hostname:
-            raise ValueError(f"no Redis host: {UNREADABLE}")
+    if parts.scheme in PLAIN_SCHEMES and not has_address(parts):
+        raise ValueError(f"bad Redis address: {UNREADABLE}")
     if password and parts.password:
         raise ValueError("the Redis password is given both in the URL and on its own")
     if cluster and parts.path.strip("/") not in ("", "0"):

@@ -4,10 +4,11 @@ Each child is a plain ``forwarder worker`` with the same settings (the parent's 
 passed on as environment variables) and its own metrics port (the base port + its
 index). SIGTERM or SIGINT to the parent reaches every child, which stops as one worker
 does; the parent exits when all have, with the worst exit code (a child that this
-SIGTERM killed while it was still starting took nothing: a clean stop). A child that exits on
-its own stops the others too: the orchestrator, not this parent, restarts workers. A
-parent killed outright (SIGKILL) takes its children with it, on Linux: they get
-SIGTERM and stop cleanly, rather than go on unsupervised beside a restarted parent's.
+SIGTERM killed while it was still starting took nothing: a clean stop). A child that
+exits on its own stops the others too: the orchestrator, not this parent, restarts
+workers. A parent killed outright (SIGKILL) takes its children with it, on Linux: they
+get SIGTERM and stop cleanly, rather than go on unsupervised beside a restarted
+parent's.
 """
 
 from __future__ import annotations

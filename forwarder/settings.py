@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from forwarder.connections import check_redis_url
+from forwarder.connections import check_redis_url, has_address
 from forwarder.model import MAX_MESSAGE_BYTES
 
 
@@ -193,13 +193,8 @@ class Settings(BaseSettings):
         if value is None:
             return None
         url = urlsplit(value)
-        bad = "must be an absolute http(s) URL with a host, e.g. http://host:8080"
-        try:
-            url.port  # noqa: B018 (raises on a port that is not a number)
-        except ValueError:
-            raise ValueError(bad) from None
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(bad)
+        if url.scheme not in ("http", "https") or not has_address(url):
+            raise ValueError("must be an absolute http(s) URL with a host, e.g. http://host:8080")
         if url.username is not None or url.password is not None:
             # The host is a key in the breaker's log lines: credentials would be logged.
             raise ValueError("must not carry credentials")

@@ -159,6 +159,7 @@ class QueueState:
                 [keys.inflight_prefix, keys.held_prefix, HELD_COUNT_CAP],
             ),
         )
+        raise_if_cancelled()  # a Ctrl-C that redis-py swallowed still ends a watch
         now = float(reply[0])
         next_due, enqueued = float(reply[4]), float(reply[5])
         return Snapshot(
@@ -303,7 +304,6 @@ async def _stats(settings: Settings, *, as_json: bool, watch: bool) -> None:
             return
         while True:
             snapshot = await state.read()
-            raise_if_cancelled()  # a Ctrl-C that redis-py swallowed still ends a watch
             if as_json:
                 sys.stdout.buffer.write(orjson.dumps(snapshot.as_json()) + b"\n")
                 sys.stdout.flush()
@@ -321,9 +321,7 @@ async def _watch_in_place(
 ) -> None:
     with Live(console=console, auto_refresh=False) as live:
         while True:
-            snapshot = await state.read()
-            raise_if_cancelled()
-            live.update(render(snapshot, queue, ordered=ordered), refresh=True)
+            live.update(render(await state.read(), queue, ordered=ordered), refresh=True)
             await asyncio.sleep(WATCH_INTERVAL)
 
 
