@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import MappingProxyType
 from typing import Any
 from unittest.mock import ANY
@@ -115,6 +116,16 @@ def test_a_big_batch_spans_several_lpushes() -> None:
     assert sum(map(len, encode_many(_updates())[1])) > 3 * PUSH_BYTES
 
 
+@contextlib.asynccontextmanager
+async def _closing(producer: Producer, sync: SyncProducer) -> AsyncIterator[None]:
+    """Closes the async and the sync producer at the end of the block."""
+    try:
+        yield
+    finally:
+        await producer.aclose()
+        sync.close()
+
+
 async def _queued_visitors(client: Redis) -> list[str]:
     return [orjson.loads(r)["visitorId"] for r in reversed(await client.lrange(QUEUE, 0, -1))]
 
@@ -125,7 +136,7 @@ async def test_a_bad_update_deep_in_a_big_batch_enqueues_none_of_it(
     bad = make_update("123", "bad", "s", {"engagementAttributes": []})
     producer = Producer.from_url(redis_url)
     sync = SyncProducer.from_url(redis_url)
-    try:
+    async with _closing(producer, sync):
         # The first LPUSHes are already queued in the transaction when the bad one shows.
         with pytest.raises(InvalidUpdate) as caught:
             await producer.enqueue_many([*_updates(), bad])
@@ -136,9 +147,6 @@ async def test_a_bad_update_deep_in_a_big_batch_enqueues_none_of_it(
         # The aborted transaction's connection is not handed out again half used.
         await producer.enqueue_many(_updates(tag="a"))
         sync.enqueue_many(_updates(tag="s"))
-    finally:
-        await producer.aclose()
-        sync.close()
     expected = [f"a{i}" for i in range(BIG)] + [f"s{i}" for i in range(BIG)]
     assert await _queued_visitors(redis_client) == expected
 
@@ -149,7 +157,7 @@ async def test_an_error_reply_in_a_big_batch_raises_and_enqueues_nothing(
     await redis_client.set(QUEUE, "not a list")
     producer = Producer.from_url(redis_url)
     sync = SyncProducer.from_url(redis_url)
-    try:
+    async with _closing(producer, sync):
         with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
             await producer.enqueue_many(_updates())
         with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
@@ -158,9 +166,6 @@ async def test_an_error_reply_in_a_big_batch_raises_and_enqueues_nothing(
         await redis_client.delete(QUEUE)
         await producer.enqueue_many(_updates(tag="a"))
         sync.enqueue_many(_updates(tag="s"))
-    finally:
-        await producer.aclose()
-        sync.close()
     assert len(await _queued_visitors(redis_client)) == 2 * BIG
 
 
@@ -177,12 +182,9 @@ async def test_a_batch_streaming_past_the_health_check_interval_lands_whole(
 
     producer = Producer(redis.asyncio.Redis.from_url(redis_url, health_check_interval=1))
     sync = SyncProducer(redis.Redis.from_url(redis_url, health_check_interval=1))
-    try:
+    async with _closing(producer, sync):
         await producer.enqueue_many(slow("a"))
         sync.enqueue_many(slow("s"))
-    finally:
-        await producer.aclose()
-        sync.close()
     expected = [f"a{i}" for i in range(BIG)] + [f"s{i}" for i in range(BIG)]
     assert await _queued_visitors(redis_client) == expected
 
@@ -193,15 +195,12 @@ async def test_a_producer_takes_the_workers_max_message_bytes(
     big = {"pageId": "p" * 5000}
     producer = Producer.from_url(redis_url, max_message_bytes=4096)
     sync = SyncProducer.from_url(redis_url, max_message_bytes=4096)
-    try:
+    async with _closing(producer, sync):
         with pytest.raises(InvalidUpdate, match="over the 4096-byte cap"):
             await producer.enqueue("123", "v", "s", big)
         with pytest.raises(InvalidUpdate, match="over the 4096-byte cap"):
             sync.enqueue("123", "v", "s", big)
         await producer.enqueue("123", "v", "s", BODY)
-    finally:
-        await producer.aclose()
-        sync.close()
     assert await _queued_visitors(redis_client) == ["v"]
 
 

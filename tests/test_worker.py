@@ -25,6 +25,7 @@ from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
+from forwarder.settings import Settings
 from forwarder.standin import Received, StandIn
 from forwarder.worker import running
 from tests.support import fast_settings, wait_until
@@ -96,9 +97,7 @@ async def test_client_error_is_dead_lettered_at_once_with_the_error_entity(
 ) -> None:
     sent = update(visitor)
     [message_id] = await enqueue(redis_url, sent)
-    async with running(fast_settings(redis_url, standin)):
-        await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
-    [record] = await dead_records(redis_client)
+    record = await _dead_letter_of(redis_client, fast_settings(redis_url, standin), 10)
     assert len(arrivals(standin, visitor)) == 1
     assert record["id"] == message_id
     assert (record["reason"], record["status"], record["attempts"]) == ("client_error", status, 1)
@@ -192,10 +191,8 @@ async def test_an_endless_error_answer_is_dead_lettered_without_its_entity_or_th
     standin.override = answer
     [message_id] = await enqueue(redis_url, update("bad-endless"))
     settings = fast_settings(redis_url, standin, request_timeout=30.0)
-    async with running(settings):
-        # Well inside the request timeout: the body was cut short, not waited out.
-        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
-    [record] = await dead_records(redis_client)
+    # Well inside the request timeout: the body was cut short, not waited out.
+    record = await _dead_letter_of(redis_client, settings, 5)
     assert record["id"] == message_id
     assert (record["reason"], record["status"], record["error"]) == ("client_error", 400, None)
     # The connection was closed after about MAX_ANSWER_BYTES (64 kB: 4 chunks of 16 kB),
@@ -238,9 +235,7 @@ async def test_an_error_entity_over_the_cap_is_not_read(
 
     standin.override = answer
     await enqueue(redis_url, update("bad-long"))
-    async with running(fast_settings(redis_url, standin)):
-        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
-    [record] = await dead_records(redis_client)
+    record = await _dead_letter_of(redis_client, fast_settings(redis_url, standin), 5)
     assert (record["reason"], record["status"], record["error"]) == ("client_error", 400, None)
     await assert_drained(redis_client)
 
@@ -336,9 +331,7 @@ async def test_a_message_without_id_gets_one(
 ) -> None:
     raw = orjson.dumps(update("bad-raw"))  # as a plain LPUSH from another language
     await redis_client.lpush(KEYS.queue, raw)
-    async with running(fast_settings(redis_url, standin)):
-        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
-    [record] = await dead_records(redis_client)
+    record = await _dead_letter_of(redis_client, fast_settings(redis_url, standin), 5)
     assert len(record["id"]) >= 16
     assert record["message"]["id"] == record["id"]
 
@@ -369,13 +362,25 @@ async def test_python_field_names_pushed_by_hand_are_sent_under_their_wire_names
     await assert_drained(redis_client)
 
 
+def _via_domain_api(
+    redis_url: str, api: StandIn, domain_api_url: str, **overrides: Any
+) -> Settings:
+    """Test settings with no fixed base URL: each account's host from ``domain_api_url``."""
+    return fast_settings(
+        redis_url,
+        api,
+        api_base_url=None,
+        domain_api_url=domain_api_url,
+        api_scheme="http",
+        **overrides,
+    )
+
+
 async def test_domain_is_looked_up_once_per_account_and_cached(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     await enqueue(redis_url, *(update(f"ok-{i}") for i in range(10)))
-    settings = fast_settings(
-        redis_url, standin, api_base_url=None, domain_api_url=standin.base_url, api_scheme="http"
-    )
+    settings = _via_domain_api(redis_url, standin, standin.base_url)
     async with running(settings):
         await standin.wait_for(lambda api: len(api.delivered) == 10, 10)
     assert len(standin.domain_requests) == 1
@@ -384,14 +389,8 @@ async def test_domain_is_looked_up_once_per_account_and_cached(
 async def test_a_failed_domain_refresh_keeps_the_known_host(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
-    settings = fast_settings(
-        redis_url,
-        standin,
-        api_base_url=None,
-        domain_api_url=standin.base_url,
-        api_scheme="http",
-        domain_cache_ttl=0.2,
-        retry_delays=(0.1, 0.1),
+    settings = _via_domain_api(
+        redis_url, standin, standin.base_url, domain_cache_ttl=0.2, retry_delays=(0.1, 0.1)
     )
     async with running(settings):
         await enqueue(redis_url, update("ok-1"))
@@ -464,19 +463,11 @@ async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout
 
     async with _domain_api(endless) as url:
         await enqueue(redis_url, update("ok-1"))
-        settings = fast_settings(
-            redis_url,
-            standin,
-            api_base_url=None,
-            domain_api_url=url,
-            api_scheme="http",
-            retry_delays=(0.1,),
-            request_timeout=30.0,
+        settings = _via_domain_api(
+            redis_url, standin, url, retry_delays=(0.1,), request_timeout=30.0
         )
-        async with running(settings):
-            await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+        record = await _dead_letter_of(redis_client, settings, 5)
     assert standin.requests == []
-    [record] = await dead_records(redis_client)
     assert (record["reason"], record["attempts"], record["lastError"]) == (
         "retries_exhausted",
         2,
@@ -490,18 +481,9 @@ async def test_failed_domain_lookup_counts_like_a_server_error(
 ) -> None:
     async with StandIn(domain_fail_accounts={"12345678"}) as api:
         await enqueue(redis_url, update("ok-1"))
-        settings = fast_settings(
-            redis_url,
-            api,
-            api_base_url=None,
-            domain_api_url=api.base_url,
-            api_scheme="http",
-            retry_delays=(0.1, 0.1),
-        )
-        async with running(settings):
-            await wait_until(lambda: _dead_count(redis_client, 1), 10, "a dead letter")
+        settings = _via_domain_api(redis_url, api, api.base_url, retry_delays=(0.1, 0.1))
+        record = await _dead_letter_of(redis_client, settings, 10)
         assert api.requests == []
-    [record] = await dead_records(redis_client)
     assert (record["reason"], record["attempts"], record["lastError"]) == (
         "retries_exhausted",
         3,
@@ -564,6 +546,14 @@ async def test_claims_ahead_are_bounded_and_given_back_unsent_on_stop(
 
 async def _dead_count(redis: Redis, n: int) -> bool:
     return int(await redis.llen(KEYS.dead)) >= n
+
+
+async def _dead_letter_of(redis: Redis, settings: Settings, within: float) -> dict[str, Any]:
+    """Run a worker until the one message queued is dead-lettered; its record."""
+    async with running(settings):
+        await wait_until(lambda: _dead_count(redis, 1), within, "a dead letter")
+    [record] = await dead_records(redis)
+    return record
 
 
 async def _all_acked(redis: Redis, worker_id: str) -> bool:
