@@ -502,6 +502,24 @@ def test_bad_visitor_and_session_ids_are_rejected(field: str, value: object) -> 
     assert error.startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize("visitor_id", [".", ".."])
+def test_a_visitor_id_that_is_a_dot_segment_is_refused(visitor_id: str) -> None:
+    # Sent, /visitors/.. would be resolved to another resource of the API.
+    (error,) = errors_of(message(visitorId=visitor_id))
+    assert error.startswith("visitorId: String should match pattern")
+    with pytest.raises(InvalidMessage, match="visitorId"):
+        decode(wire(visitorId=visitor_id), 1 << 20)
+
+
+@pytest.mark.parametrize("visitor_id", ["...", ".v", "v.", "..v", "v..", "é."])
+def test_visitor_ids_with_dots_that_are_no_dot_segment_pass(visitor_id: str) -> None:
+    assert decode(wire(visitorId=visitor_id), 1 << 20).message["visitorId"] == visitor_id
+
+
+def test_a_session_id_of_dots_passes_it_goes_in_the_query() -> None:
+    assert decode(wire(sessionId=".."), 1 << 20).message["sessionId"] == ".."
+
+
 @pytest.mark.parametrize("field", ["visitorId", "sessionId"])
 @pytest.mark.parametrize("raw_id", [b'"v\\u0001"', b'"v\\t"', b'"v\x7f"', b'"v\xc2\x85"'])
 def test_control_characters_in_ids_are_refused_however_the_json_spells_them(
@@ -597,7 +615,7 @@ def _deep(levels: int) -> object:
 # control characters or over length, and values no JSON parser produces.
 ODD_VALUES: list[object] = [
     *["", "x", "12", "1.5", "MALE", "cart", "1234/5678", "a" * 21, "x" * 300],
-    *["a\nb", "nul\x00", "c1\x85", "é"],
+    *["a\nb", "nul\x00", "c1\x85", "é", ".", "..", "..."],
     *[0, 1, 2, -1, 7, 14, 2**64, 1.0, 2.5, float("nan"), float("inf"), float("-inf")],
     *[True, False, None, [], [1], ["x"], {}, {"a": 1}, [{}]],
     *[b"bytes", (1,), {1, 2}, object()],
