@@ -194,7 +194,8 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
-        return None
+        # asctime and "-0000" name no zone; an HTTP date is always GMT (RFC 9110, 5.6.7).
+        when = when.replace(tzinfo=UTC)
     return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 

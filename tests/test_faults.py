@@ -157,6 +157,23 @@ async def test_429_waits_for_retry_after_without_spending_attempts(
     assert await redis_client.llen(KEYS.dead) == 0
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    ["%a %b %e %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S -0000"],
+    ids=["asctime", "zone_-0000"],
+)
+async def test_a_retry_after_date_without_a_zone_is_read_as_gmt(
+    redis_url: str, standin: StandIn, spelling: str
+) -> None:
+    # HTTP dates are always GMT; these two spellings name no zone (RFC 9110, 5.6.7).
+    standin.override = throttle_once(time.strftime(spelling, time.gmtime(time.time() + 3)))
+    await enqueue(redis_url, ["ok-t"])
+    async with running(fast_settings(redis_url, standin, retry_delays=(0.1,))):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    first, second = standin.requests
+    assert second.at - first.at >= 1.5  # the date's 2-3 s, not the 0.1 s retry delay
+
+
 async def test_a_retry_after_of_zero_still_waits_a_second(redis_url: str, standin: StandIn) -> None:
     standin.override = throttle_once("0")
     await enqueue(redis_url, ["ok-t"])
