@@ -122,8 +122,11 @@ class DeadLetter:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
             data = None
-        # Anything else in the list is still listed, removable and exportable.
-        return cls(raw, data if isinstance(data, dict) else {})
+        if isinstance(data, dict):
+            return cls(raw, data)
+        # Anything else in the list is still listed, shown, removable and exportable: its
+        # text kept under "raw", as an invalid message's record keeps the message.
+        return cls(raw, {"raw": raw.decode("utf-8", "replace")})
 
     @property
     def digest(self) -> bytes:

@@ -210,6 +210,20 @@ def test_show_prints_every_record_with_the_id_whole(redis_url: str, cli: Any) ->
     assert "no dead letter with id 'nope'" in err
 
 
+def test_a_record_that_is_no_json_object_is_shown_as_its_text(redis_url: str, cli: Any) -> None:
+    # Only a hand-made push puts one there; it is still an operator's to read.
+    with redis.Redis.from_url(redis_url) as client:
+        client.lpush(KEYS.dead, b"[1, 2]", b"not json \xff")
+    code, out, _ = cli("dlq", "show", "?", "--json", "--redis-url", redis_url)
+    assert code == 0
+    assert [orjson.loads(line)["raw"] for line in out.splitlines()] == [
+        "[1, 2]",  # oldest first
+        "not json \ufffd",
+    ]
+    code, out, _ = cli("dlq", "list", "--json", "--redis-url", redis_url)
+    assert [orjson.loads(line) for line in out.splitlines()] == [{}, {}]  # no payload
+
+
 def test_stats_counts_by_reason_status_code_and_account(redis_url: str, cli: Any) -> None:
     seed(redis_url, MIX)
     code, out, _ = cli("dlq", "stats", "--json", "--redis-url", redis_url)
