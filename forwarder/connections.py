@@ -23,8 +23,10 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
+import redis.exceptions
 import redis.sentinel
 from pydantic import SecretStr
+from redis.asyncio.cluster import ClusterNode
 
 if TYPE_CHECKING:
     from forwarder.settings import Settings
@@ -291,6 +293,28 @@ async def eviction_policy(client: AsyncRedis) -> str | None:
     info = await client.info("memory")
     policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
     return policy if isinstance(policy, str) else None
+
+
+async def cluster_node(client: redis.asyncio.RedisCluster, key: str) -> ClusterNode:
+    """The master serving ``key``'s slot; ClusterDownError if none does."""
+    await client.initialize()
+    node = client.get_node_from_key(key)
+    if node is None:
+        raise uncovered_slot(key)
+    return node
+
+
+def uncovered_slot(key: str) -> redis.exceptions.ClusterDownError:
+    return redis.exceptions.ClusterDownError(f"no cluster node serves {key}'s slot")
+
+
+async def ping(client: AsyncRedis, key: str) -> None:
+    """PING the server holding ``key``: on a cluster its slot's master, where a plain PING
+    would go to the client's default node, which may be up while the key's is down."""
+    if isinstance(client, redis.asyncio.RedisCluster):
+        await client.execute_command("PING", target_nodes=await cluster_node(client, key))
+    else:
+        await client.ping()
 
 
 def raise_if_cancelled() -> None:

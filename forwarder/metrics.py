@@ -5,8 +5,8 @@ The listener (``FORWARDER_METRICS_HOST``:``FORWARDER_METRICS_PORT``, 0 = none) s
 - ``/metrics``: what this worker recorded (outcomes, latencies, retries, dead letters)
   plus the queue's depths, read from Redis on a scrape (at most once a second);
 - ``/healthz``: 200 while the event loop keeps up (its lag under :data:`LAG_LIMIT`);
-- ``/readyz``: 200 while Redis answers a PING within :data:`READY_TIMEOUT` and the worker
-  is not stopping; 503 otherwise.
+- ``/readyz``: 200 while Redis (on a cluster, the queue's node) answers a PING within
+  :data:`READY_TIMEOUT` and the worker is not stopping; 503 otherwise.
 
 Labels are bounded sets only: no visitor, session or account ids.
 """
@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from redis.exceptions import RedisError
 
-from forwarder.connections import AsyncRedis
+from forwarder.connections import AsyncRedis, ping
 from forwarder.deadletters import REASONS, Dropped
 from forwarder.outcome import Outcome
 from forwarder.settings import Settings
@@ -352,7 +352,7 @@ class Listener:
             return _status(False, reason="stopping")
         try:
             async with asyncio.timeout(READY_TIMEOUT):
-                await self.redis.ping()
+                await ping(self.redis, self._state.keys.queue)
         except (RedisError, OSError, TimeoutError) as exc:
             return _status(False, reason="redis_unavailable", error=type(exc).__name__)
         return _status(True)

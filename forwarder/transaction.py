@@ -40,7 +40,7 @@ import redis.asyncio
 import redis.asyncio.connection
 import redis.exceptions
 
-from forwarder.connections import AsyncRedis, SyncRedis
+from forwarder.connections import AsyncRedis, SyncRedis, cluster_node, uncovered_slot
 
 Send = Callable[..., None]
 AsyncSend = Callable[..., Awaitable[None]]
@@ -129,13 +129,9 @@ def _sync_node(client: SyncRedis, key: str) -> redis.Redis:
     if isinstance(client, redis.RedisCluster):
         node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
         if node is None:
-            raise _uncovered(key)
+            raise uncovered_slot(key)
         return cast(redis.Redis, node.redis_connection)
     return client
-
-
-def _uncovered(key: str) -> redis.exceptions.ClusterDownError:
-    return redis.exceptions.ClusterDownError(f"no cluster node serves {key}'s slot")
 
 
 async def _async_node(
@@ -143,10 +139,7 @@ async def _async_node(
 ) -> tuple[Callable[[], Awaitable[AsyncConnection]], Callable[[AsyncConnection], Awaitable[None]]]:
     """How to take a connection to ``key``'s node and give it back."""
     if isinstance(client, redis.asyncio.RedisCluster):
-        await client.initialize()
-        node = client.get_node_from_key(key)
-        if node is None:
-            raise _uncovered(key)
+        node = await cluster_node(client, key)
 
         async def take() -> AsyncConnection:
             return node.acquire_connection()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis
@@ -22,8 +23,10 @@ import redis.asyncio
 
 from forwarder.connections import sync_client
 from forwarder.embedded import RedisServer, ServerNotFound, find_server_binary, free_port
+from forwarder.metrics import Metrics, listening
 from forwarder.producer import Producer, QueueUnavailable, SyncProducer, make_update
 from forwarder.queue import Keys, Queue
+from forwarder.settings import Settings
 from forwarder.standin import StandIn
 from forwarder.worker import running
 from tests.support import fast_settings, wait_until
@@ -244,6 +247,47 @@ async def test_queues_spread_over_the_masters_each_drained_on_its_own_node(
     assert sorted(r.visitor_id for r in standin.delivered) == expected
     for name in names:
         assert await _left_in(fresh_cluster, Keys(name)) == DRAINED
+
+
+def _pings(node: RedisServer) -> int:
+    client = redis.Redis(port=node.port)
+    try:
+        stats = client.info("commandstats").get("cmdstat_ping", {})
+        return int(stats.get("calls", 0))
+    finally:
+        client.close()
+
+
+async def test_readyz_pings_the_node_that_serves_the_queue(fresh_cluster: Cluster) -> None:
+    client = redis.asyncio.RedisCluster.from_url(fresh_cluster.url)
+    try:
+        await client.initialize()
+        default = client.get_default_node().port
+        name = next(
+            n
+            for n in _queues_on_every_node(fresh_cluster)
+            if fresh_cluster.owner(Keys(n).queue).port != default
+        )
+        owner = fresh_cluster.owner(Keys(name).queue)
+        port = free_port()
+        settings = Settings(
+            redis_url=fresh_cluster.url,
+            redis_cluster=True,
+            queue=name,
+            metrics_port=port,
+            metrics_host="127.0.0.1",
+        )
+        before = _pings(owner)
+        async with (
+            listening(settings, Metrics(), client, lambda: True),
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            assert resp.status == 200
+        # Its own PING, not the default node's: that one may be up while this is down.
+        assert _pings(owner) > before
+    finally:
+        await client.aclose()
 
 
 async def test_a_dead_workers_messages_are_given_back_by_the_heartbeat_script(
