@@ -911,6 +911,12 @@ def wire_form(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True, exclude_unset=True, warnings=False)
 
 
+# What the forwarder may add to a message on its way (an id where the producer gave none,
+# attempts, lastError, replayed) and how much re-encoding its envelope may lengthen it: a
+# message taken at the cap must not become too large for its retry.
+BOOKKEEPING_BYTES = 256
+
+
 def too_large(size: int, max_bytes: int) -> str:
     return f"(root): message is {size} bytes, over the {max_bytes}-byte cap"
 
@@ -935,9 +941,9 @@ _encode = msgspec.json.Encoder().encode
 
 
 def decode(raw: bytes, max_bytes: int) -> Decoded:
-    """Parse and validate one queue element of at most ``max_bytes``; an ``id`` is
-    assigned when the producer gave none."""
-    if len(raw) > max_bytes:
+    """Parse and validate one queue element of at most ``max_bytes`` (the producers' cap)
+    plus :data:`BOOKKEEPING_BYTES`; an ``id`` is assigned when the producer gave none."""
+    if len(raw) > max_bytes + BOOKKEEPING_BYTES:
         raise InvalidMessage([too_large(len(raw), max_bytes)])
     envelope = _envelope(raw)
     # The fast path takes a message msgspec writes back byte for byte (compact, in the

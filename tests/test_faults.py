@@ -314,6 +314,24 @@ async def test_the_worker_dead_letters_an_oversized_element(
     assert standin.requests == []
 
 
+async def test_a_message_at_the_cap_is_retried_though_its_retry_is_longer(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    # Pushed by hand at exactly the cap, without an id: its retry gains an id, attempts
+    # and lastError, which must not make the worker refuse it as too large.
+    update = make_update("123", "flaky1-big", "s", {"pageId": "p", "n": ""})
+    padding = 4096 - len(orjson.dumps(update))
+    update["body"]["n"] = "x" * padding
+    raw = orjson.dumps(update)
+    assert len(raw) == 4096
+    await redis_client.lpush(KEYS.queue, raw)
+    settings = fast_settings(redis_url, standin, max_message_bytes=4096, retry_delays=(0.05,))
+    async with running(settings):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+    assert [r.status for r in standin.requests] == [503, 200]
+    assert await redis_client.llen(KEYS.dead) == 0
+
+
 async def test_a_redis_out_of_memory_is_drained_not_a_crash(
     tmp_path: Path, standin: StandIn
 ) -> None:
