@@ -286,21 +286,30 @@ return {released, page[1]}
 """
 )
 
-# KEYS: workers, queue, claims. ARGV: worker id, seconds of silence that mean dead,
-# in-flight key prefix, this worker's previous heartbeat (Redis time; 0: none yet), and
-# since when it has heartbeated without such a silence of its own. Heartbeats this
-# worker and gives back the messages of every worker silent for longer, unless this
-# worker was silent as long itself (Redis down or stalled, or this worker frozen): then
-# the others may have been unable to heartbeat too, so it judges nobody until it has
-# been in touch for a whole timeout again. Returns {Redis time, steady since, dead
-# worker id, count, ...}.
+# KEYS: workers, queue, claims, reaped. ARGV: worker id, seconds of silence that mean
+# dead, in-flight key prefix, this worker's previous heartbeat (Redis time; 0: none
+# yet), since when it has heartbeated without such a silence of its own, and how long a
+# reaped worker's claim record is kept. Heartbeats this worker and gives back the
+# messages of every worker silent for longer, unless this worker was silent as long
+# itself or has only just started (Redis down or stalled, this worker frozen, or a new
+# one started as Redis came back): the others may have been unable to heartbeat too, so
+# it judges nobody until it has been in touch for a whole timeout. Returns {Redis time,
+# steady since, dead worker id, count, ...}.
+# A reaped worker's claim record stays: if it was only stalled, a delayed copy of one of
+# its claims, taken for fresh, would write a batch under numbers it still acks. It goes
+# once no such copy can still run (and the worker has not come back).
 _HEARTBEAT = (
     _LIB
     + """
 local t = now()
 local timeout, prev, since = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if prev > 0 and t - prev > timeout then since = t end
+if prev == 0 or t - prev > timeout then since = t end
 redis.call('ZADD', KEYS[1], t, ARGV[1])
+local gone = redis.call('ZRANGE', KEYS[4], '-inf', t - ARGV[6], 'BYSCORE', 'LIMIT', 0, 100)
+for _, id in ipairs(gone) do
+  if not redis.call('ZSCORE', KEYS[1], id) then redis.call('HDEL', KEYS[3], id) end
+  redis.call('ZREM', KEYS[4], id)
+end
 local out = {tostring(t), tostring(since)}
 if t - since < timeout then return out end
 local dead = redis.call('ZRANGE', KEYS[1], '-inf', t - timeout, 'BYSCORE')
@@ -308,7 +317,7 @@ for _, id in ipairs(dead) do
   out[#out + 1] = id
   out[#out + 1] = give_back(ARGV[3] .. id, KEYS[2])
   redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[3], id)
+  redis.call('ZADD', KEYS[4], t, id)
 end
 return out
 """
@@ -327,6 +336,11 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return n
 """
 )
+
+
+# Seconds a request may be held up in the network and still run: TCP gives up
+# retransmitting after about 15 minutes (Linux' default tcp_retries2).
+CLAIM_COPY_LIFETIME = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +373,11 @@ class Keys:
     def claims(self) -> str:
         """HASH of each live worker's next unused claim number."""
         return f"{self.tag}:claims"
+
+    @property
+    def reaped(self) -> str:
+        """ZSET of workers taken for dead, by when: their claim records are kept a while."""
+        return f"{self.tag}:reaped"
 
     @property
     def inflight_prefix(self) -> str:
@@ -512,11 +531,9 @@ class Queue:
         """Mark this worker alive; give back the messages of workers silent for longer
         than ``dead_after`` seconds (unless this one was too). Returns those counts."""
         args: list[str | float] = [self.worker_id, dead_after, self.keys.inflight_prefix]
-        args += [self._last_beat, self._steady_since]
-        now, since, *out = cast(
-            list[bytes | int],
-            await self._heartbeat([self.keys.workers, self.keys.queue, self.keys.claims], args),
-        )
+        args += [self._last_beat, self._steady_since, CLAIM_COPY_LIFETIME]
+        keys = [self.keys.workers, self.keys.queue, self.keys.claims, self.keys.reaped]
+        now, since, *out = cast(list[bytes | int], await self._heartbeat(keys, args))
         self._last_beat, self._steady_since = float(now), float(since)
         pairs = zip(out[::2], out[1::2], strict=True)
         return {_text(worker): int(count) for worker, count in pairs}

@@ -8,6 +8,7 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from forwarder import queue as queue_module
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys, Queue, Settlement
 
@@ -57,6 +58,28 @@ async def test_a_claim_run_late_after_later_claims_writes_over_nothing(
     # A clean stop leaves no claim record behind.
     await queue.release()
     assert await redis_client.exists(KEYS.claims) == 0
+
+
+async def _reaped_by(queue: Queue, dead_after: float) -> dict[str, int]:
+    """Heartbeat ``queue`` steadily until it takes some worker for dead."""
+    deadline = time.monotonic() + 10 * dead_after + 1
+    while time.monotonic() < deadline:
+        recovered = await queue.heartbeat(dead_after)
+        if recovered:
+            return recovered
+        await asyncio.sleep(dead_after / 5)
+    raise AssertionError("no worker was taken for dead")
+
+
+async def test_a_worker_that_has_just_started_judges_no_one(redis_client: Redis) -> None:
+    # As Redis comes back from an outage longer than the timeout, every worker looks
+    # silent; one that starts just then must leave them time to reconnect too.
+    timeout = 0.3
+    await redis_client.lpush(KEYS.queue, b"a")
+    await Queue(redis_client, "forwarder", "w1").claim(1)
+    await asyncio.sleep(timeout + 0.1)
+    assert await Queue(redis_client, "forwarder", "w2").heartbeat(timeout) == {}
+    assert await redis_client.hlen(KEYS.inflight("w1")) == 1
 
 
 async def test_a_worker_silent_as_long_as_the_others_judges_none_of_them_at_once(
@@ -135,10 +158,45 @@ async def test_a_dead_worker_holding_more_than_lua_can_unpack_at_once_is_recover
     redis_client: Redis,
 ) -> None:
     _, pushed = await _claim_many(redis_client, "w1")
-    await asyncio.sleep(0.2)
-    assert await Queue(redis_client, "forwarder", "w2").heartbeat(0.1) == {"w1": MANY}
+    assert await _reaped_by(Queue(redis_client, "forwarder", "w2"), 0.1) == {"w1": MANY}
     assert await redis_client.lrange(KEYS.queue, 0, -1) == pushed[::-1]
     assert await redis_client.zrange(KEYS.workers, 0, -1) == [b"w2"]
-    # Nothing of the dead worker's is left: neither its in-flight hash nor its claim record.
     assert await redis_client.exists(KEYS.inflight("w1")) == 0
-    assert not await redis_client.hexists(KEYS.claims, "w1")
+    # Its claim record is kept a while (see the next test), and when it was reaped.
+    assert await redis_client.hexists(KEYS.claims, "w1")
+    assert await redis_client.zscore(KEYS.reaped, "w1") is not None
+
+
+async def test_a_late_claim_of_a_reaped_worker_that_was_only_stalled_takes_nothing(
+    redis_client: Redis,
+) -> None:
+    timeout = 0.3
+    await redis_client.lpush(KEYS.queue, b"m1", b"m2", b"m3", b"m4")
+    w1, w2 = Queue(redis_client, "forwarder", "w1"), Queue(redis_client, "forwarder", "w2")
+    first = await w1.claim(2)
+    # w1 stalls (a GC pause, a frozen VM) past the timeout.
+    assert await _reaped_by(w2, timeout) == {"w1": 2}
+    assert [c.raw for c in await w2.claim(2)] == [b"m1", b"m2"]
+    # A copy of w1's first claim, held up in the network, runs now: it must not take m3
+    # and m4 under the numbers w1 still holds m1 and m2 by.
+    assert await Queue(redis_client, "forwarder", "w1").claim(2) == []
+    acked, _ = await w1.settle([Settlement("ack", c.token) for c in first])
+    assert acked == 0
+    assert await redis_client.lrange(KEYS.queue, 0, -1) == [b"m4", b"m3"]
+
+
+async def test_a_reaped_workers_claim_record_goes_once_no_late_copy_can_run(
+    redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_module, "CLAIM_COPY_LIFETIME", 0.3)
+    await redis_client.lpush(KEYS.queue, b"a", b"b")
+    w1, w2, w3 = (Queue(redis_client, "forwarder", w) for w in ("w1", "w2", "w3"))
+    await w1.claim(1)
+    await w3.claim(1)
+    assert await _reaped_by(w2, 0.1) == {"w1": 1, "w3": 1}
+    await w3.heartbeat(0.1)  # w3 was only stalled, and is back
+    await asyncio.sleep(0.4)
+    await w3.heartbeat(10)
+    await w2.heartbeat(10)
+    assert await redis_client.zcard(KEYS.reaped) == 0
+    assert await redis_client.hkeys(KEYS.claims) == [b"w3"]
