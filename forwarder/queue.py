@@ -28,11 +28,8 @@ local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local function give_back(inflight, dst)
-  local flat = redis.call('HGETALL', inflight)
-  if #flat == 0 then return 0 end
-  local entries = {}
-  for i = 1, #flat, 2 do entries[#entries + 1] = {tonumber(flat[i]), flat[i + 1]} end
+-- entries: {claim number, message}; the oldest claimed goes rightmost.
+local function push_back(dst, entries)
   table.sort(entries, function(a, b) return a[1] > b[1] end)
   local values = {}
   for i, e in ipairs(entries) do values[i] = e[2] end
@@ -41,8 +38,16 @@ local function give_back(inflight, dst)
   for i = 1, #values, 1000 do
     redis.call('RPUSH', dst, unpack(values, i, math.min(i + 999, #values)))
   end
-  redis.call('DEL', inflight)
   return #values
+end
+local function give_back(inflight, dst)
+  local flat = redis.call('HGETALL', inflight)
+  if #flat == 0 then return 0 end
+  local entries = {}
+  for i = 1, #flat, 2 do entries[#entries + 1] = {tonumber(flat[i]), flat[i + 1]} end
+  local n = push_back(dst, entries)
+  redis.call('DEL', inflight)
+  return n
 end
 -- Up to n messages from the queue's consuming end, oldest first.
 local function take(queue, n)
@@ -343,6 +348,26 @@ return n
 CLAIM_COPY_LIFETIME = 3600.0
 
 
+# KEYS: inflight, queue. ARGV: claim numbers the worker no longer holds. Messages left
+# in a live worker's in-flight hash after their outcome was recorded: Redis lost that
+# write (a restart that did not persist its last second, a fail-over to a replica that
+# had not received it). Nothing else would ever take them out. Returns the count.
+_GIVE_BACK_STRAYS = (
+    _LIB
+    + """
+local entries = {}
+for _, n in ipairs(ARGV) do
+  local raw = redis.call('HGET', KEYS[1], n)
+  if raw then
+    redis.call('HDEL', KEYS[1], n)
+    entries[#entries + 1] = {tonumber(n), raw}
+  end
+end
+return push_back(KEYS[2], entries)
+"""
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """The Redis key names of one queue (see the README's key layout)."""
@@ -451,6 +476,8 @@ class Queue:
         self._inflight = self.keys.inflight(worker_id)
         self._claimed = 0
         self._unanswered: int | None = None
+        # Claim numbers handed to this worker whose outcome is not recorded yet.
+        self._held: set[int] = set()
         # Redis time of this worker's last heartbeat, and of the first one after its last
         # silence longer than the timeout (0.0: none), for the heartbeat script to judge by.
         self._last_beat = 0.0
@@ -463,6 +490,7 @@ class Queue:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._release = redis.register_script(_RELEASE)
         self._take_over = redis.register_script(_TAKE_OVER_TURNS)
+        self._give_back_strays = redis.register_script(_GIVE_BACK_STRAYS)
         self._turns_cursor = 0
 
     async def claim(self, count: int) -> list[Claimed]:
@@ -482,9 +510,11 @@ class Queue:
         flat = cast(list[int | bytes], await self._claim(keys, args))
         self._unanswered = None
         self._claimed += count
-        return [
+        claimed = [
             Claimed(int(n), cast(bytes, raw)) for n, raw in zip(flat[::2], flat[1::2], strict=True)
         ]
+        self._held.update([c.token for c in claimed])
+        return claimed
 
     async def wait(self, seconds: int) -> bool:
         """Block up to ``seconds`` until a message is pending (no polling); True if one is.
@@ -516,6 +546,7 @@ class Queue:
             keys += [self.keys.sessions, self.keys.queue]
             args.insert(0, self.keys.held_prefix)
         acked, *others = cast(list[int], await self._settle(keys, args))
+        self._held.difference_update([s.token for s in settlements])
         return acked, [bool(o) for o in others]
 
     async def promote(self, limit: int = 1000) -> Promoted:
@@ -537,6 +568,18 @@ class Queue:
         self._last_beat, self._steady_since = float(now), float(since)
         pairs = zip(out[::2], out[1::2], strict=True)
         return {_text(worker): int(count) for worker, count in pairs}
+
+    async def give_back_strays(self) -> int:
+        """Return to the queue what this worker's in-flight hash holds that the worker
+        does not (see the script). Returns the count."""
+        # Taken before the read: an outcome recorded after it was already in the hash
+        # when read, and a claim answered after it has numbers above this mark.
+        mark, held = self._claimed, set(self._held)
+        present = cast(list[bytes], await self.redis.hkeys(self._inflight))
+        strays = [n for n in map(int, present) if n <= mark and n not in held]
+        if not strays:
+            return 0
+        return int(await self._give_back_strays([self._inflight, self.keys.queue], strays))
 
     @property
     def ordered(self) -> bool:

@@ -388,11 +388,15 @@ class Worker:
                 return
             try:
                 recovered = await self.queue.heartbeat(self.settings.worker_timeout)
+                strays = await self.queue.give_back_strays()
                 dropped = await self.retention.enforce()
                 taken_over = await self.queue.take_over_turns() if self.queue.ordered else 0
             except REDIS_DOWN as exc:
                 _redis_down("heartbeat", exc)
                 continue
+            if strays:
+                # Redis lost recorded outcomes (a restart, a fail-over): sent again.
+                log.warning("strays_returned", worker=self.id, returned=strays)
             if taken_over:
                 log.warning("turns_taken_over", worker=self.id, released=taken_over)
             self.metrics.observe_dropped(dropped)

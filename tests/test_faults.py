@@ -402,6 +402,30 @@ async def test_redis_lost_during_a_stop_bounds_the_stop_and_loses_nothing(
     assert await _in_flight(own_redis.url, 3)
 
 
+async def test_an_ack_redis_lost_in_a_restart_is_found_and_the_message_sent_again(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    # Redis restarts from a snapshot taken while the message was in flight: the ack is
+    # undone, and the message is back in the live worker's in-flight hash.
+    with RedisServer(tmp_path / "snapshot", appendonly=False) as server:
+        redis = Redis.from_url(server.url)
+        try:
+            await enqueue(server.url, ["slow1000-1"])
+            async with running(fast_settings(server.url, standin)):
+                await wait_until(lambda: _in_flight(server.url, 1), 5, "1 in flight")
+                await redis.save()
+                await standin.wait_for(lambda api: len(api.delivered) == 1, 5)
+                await wait_until(lambda: _in_flight(server.url, 0), 5, "the ack")
+                server.kill()
+                server.start()
+                assert await _in_flight(server.url, 1)
+                await standin.wait_for(lambda api: len(api.delivered) == 2, 15)
+                await wait_until(lambda: _in_flight(server.url, 0), 5, "the second ack")
+        finally:
+            await redis.aclose()
+    assert [r.visitor_id for r in standin.delivered] == ["slow1000-1"] * 2
+
+
 async def _drained(url: str) -> bool:
     client = Redis.from_url(url)
     try:

@@ -60,6 +60,23 @@ async def test_a_claim_run_late_after_later_claims_writes_over_nothing(
     assert await redis_client.exists(KEYS.claims) == 0
 
 
+async def test_what_a_live_worker_no_longer_holds_goes_back_to_the_queue(
+    redis_client: Redis,
+) -> None:
+    await redis_client.lpush(KEYS.queue, b"a", b"b", b"c")
+    queue = Queue(redis_client, "forwarder", "w1")
+    a, _, _ = await queue.claim(3)
+    await queue.settle([Settlement("ack", a.token)])
+    # Redis loses the ack (restarted from an older snapshot): a is in flight again.
+    await redis_client.hset(KEYS.inflight("w1"), str(a.token), a.raw)
+    # Numbers above the worker's mark belong to a claim whose reply is on its way.
+    await redis_client.hset(KEYS.inflight("w1"), "4", b"d")
+    assert await queue.give_back_strays() == 1
+    assert await redis_client.lrange(KEYS.queue, 0, -1) == [b"a"]
+    assert sorted(await redis_client.hkeys(KEYS.inflight("w1"))) == [b"2", b"3", b"4"]
+    assert await queue.give_back_strays() == 0
+
+
 async def _reaped_by(queue: Queue, dead_after: float) -> dict[str, int]:
     """Heartbeat ``queue`` steadily until it takes some worker for dead."""
     deadline = time.monotonic() + 10 * dead_after + 1
