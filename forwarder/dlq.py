@@ -330,8 +330,8 @@ async def _purge(args: argparse.Namespace, store: DeadLetters) -> int:
             return 2
         # The question goes to stderr: stdout is for the ids of what was deleted.
         print(f"Delete {total} dead letters for good? Type 'yes': ", end="", file=sys.stderr)
-        answer = await asyncio.to_thread(input)
-        if answer.strip().lower() != "yes":
+        answer = await _typed_line()
+        if answer is None or answer.strip().lower() != "yes":
             _say("nothing purged")
             return 1
     purged = 0
@@ -349,6 +349,29 @@ async def _purge(args: argparse.Namespace, store: DeadLetters) -> int:
         _say(f"purged {purged}")
     _report_gone(chosen.digests)
     return 0
+
+
+async def _typed_line() -> str | None:
+    """A line typed on the terminal that is stdin; None at its end (Ctrl-D).
+
+    Read in the event loop, not in a thread: a Ctrl-C then cancels the wait, where a
+    thread blocked in input() would hold the exit until Enter.
+    """
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    typed: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not typed.done():
+            # A terminal in line mode hands over the whole line at Enter.
+            typed.set_result(os.read(fd, 4096))
+
+    loop.add_reader(fd, readable)
+    try:
+        line = await typed
+    finally:
+        loop.remove_reader(fd)
+    return line.decode(errors="replace") if line else None
 
 
 class _Export:

@@ -451,12 +451,14 @@ def test_purge_needs_a_confirmation(redis_url: str) -> None:
     assert refused.returncode == 2
     assert b"would delete 3 dead letters: confirm with --yes" in err
     assert len(ids_in(redis_url, KEYS.dead)) == 7
-    for answer, code, left in ((b"no\n", 1, 7), (b"yes\n", 0, 4)):
+    # Ctrl-D ends the input (declined); Ctrl-C at the question stops at once (130).
+    for answer, code, left in ((b"no\n", 1, 7), (b"\x04", 1, 7), (None, 130, 7), (b"yes\n", 0, 4)):
         assert _purge_on_a_terminal(redis_url, answer) == code
         assert len(ids_in(redis_url, KEYS.dead)) == left
 
 
-def _purge_on_a_terminal(redis_url: str, answer: bytes) -> int:
+def _purge_on_a_terminal(redis_url: str, answer: bytes | None) -> int:
+    """Run a purge on a terminal, answer its question (None: Ctrl-C), its exit code."""
     terminal, child_end = pty.openpty()
     proc = forwarder(
         "dlq",
@@ -470,10 +472,20 @@ def _purge_on_a_terminal(redis_url: str, answer: bytes) -> int:
         stderr=subprocess.PIPE,
     )
     os.close(child_end)
-    os.write(terminal, answer)
+    assert proc.stderr is not None
+    asked = b""
+    while b"Type 'yes': " not in asked:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, "no question asked"
+        asked += chunk
+    if answer is None:
+        proc.send_signal(signal.SIGINT)  # the terminal's Ctrl-C
+    else:
+        os.write(terminal, answer)
     _, err = proc.communicate(timeout=20)
     os.close(terminal)
-    assert b"Delete 3 dead letters for good?" in err
+    assert b"Delete 3 dead letters for good?" in asked
+    assert b"Traceback" not in err
     return proc.returncode
 
 
