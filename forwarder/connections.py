@@ -23,6 +23,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
+import redis.connection
 import redis.exceptions
 import redis.sentinel
 from pydantic import SecretStr
@@ -139,6 +140,18 @@ def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_passwor
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
     if parts.scheme in PLAIN_SCHEMES and not has_address(parts):
         raise ValueError(f"bad Redis address: {UNREADABLE}")
+    db = parts.path.removeprefix("/")
+    if parts.scheme in PLAIN_SCHEMES and db and not (db.isascii() and db.isdigit()):
+        # redis-py ignores a path that is no number: that would be database 0.
+        raise ValueError(
+            "the Redis URL's path must be a database number "
+            "(percent-encode any / ? # @ in the password)"
+        )
+    try:
+        # The query's values, checked as the client checks them when first used.
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
     if password and parts.password:
         raise ValueError("the Redis password is given both in the URL and on its own")
     if cluster and parts.path.strip("/") not in ("", "0"):

@@ -316,6 +316,10 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_the_database() -> Non
         ({"redis_sentinel_password": "x"}, "needs a redis+sentinel:// URL"),
         ({"redis_url": "redis://h/2", "redis_cluster": True}, "only database 0"),
         ({"redis_url": "http://h/0"}, "unsupported Redis URL scheme"),
+        # Read as database 0 by redis-py: another environment's queue, perhaps.
+        ({"redis_url": "redis://h:6379/1x"}, "must be a database number"),
+        ({"redis_url": "redis://h:6379/0/1"}, "must be a database number"),
+        ({"redis_url": "redis://h/0?socket_timeout=abc"}, "Invalid value for 'socket_timeout'"),
     ],
 )
 def test_incoherent_redis_settings_are_refused_at_startup(
