@@ -76,7 +76,8 @@ def _render_totals(totals: Totals, console: Console) -> None:
     console.print(f"dead letters: {totals.total}")
     for label, stamp in (("oldest", totals.oldest), ("newest", totals.newest)):
         if stamp is not None:
-            console.print(f"  {label}: {stamp[1]} ({human_age(now - stamp[0])} ago)")
+            # Record text is never read as rich markup: "[/]" would crash, "[b]" vanish.
+            console.print(Text(f"  {label}: {stamp[1]} ({human_age(now - stamp[0])} ago)"))
     for title, counts, limit in (
         ("reason", totals.by_reason, None),
         ("HTTP status", totals.by_status, None),
@@ -91,7 +92,7 @@ def _count_table(title: str, counts: Counter[str], limit: int | None) -> Table:
     table.add_column(title)
     table.add_column("records", justify="right")
     for key, count in counts.most_common(limit):
-        table.add_row(key, str(count))
+        table.add_row(Text(key), str(count))
     if limit is not None and len(counts) > limit:
         table.add_row(f"({len(counts) - limit} more)", "")
     return table

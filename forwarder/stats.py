@@ -19,6 +19,7 @@ import orjson
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from forwarder.connections import AsyncRedis, raise_if_cancelled, redis_client
 from forwarder.model import iso_utc
@@ -229,7 +230,7 @@ def render(snapshot: Snapshot, queue: str, *, ordered: bool = False) -> Group:
     counts.add_row("dead", str(snapshot.dead), "")
     silent = len(snapshot.workers) - snapshot.live_workers
     parts: list[RenderableType] = [
-        f"queue {queue!r} at {iso_utc(snapshot.at)}",
+        Text(f"queue {queue!r} at {iso_utc(snapshot.at)}"),  # a name is never rich markup
         counts,
         f"workers: {snapshot.live_workers} live, {silent} silent",
     ]
@@ -251,7 +252,7 @@ def _workers_table(states: tuple[WorkerState, ...]) -> Table:
         workers.add_column(name, justify="left" if name == "worker" else "right")
     for w in states:
         workers.add_row(
-            w.id,
+            Text(w.id),
             f"{human_age(w.heartbeat_age)} ago",
             str(w.inflight),
             "" if w.live else "silent",

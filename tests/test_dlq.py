@@ -244,6 +244,16 @@ def test_stats_counts_by_reason_status_code_and_account(redis_url: str, cli: Any
     assert "retries_exhausted" in table
 
 
+def test_record_text_in_the_stats_tables_is_shown_as_written(redis_url: str, cli: Any) -> None:
+    # Not read as rich markup: "[/]" crashed the table, "[bold]x" was shown as "x".
+    seed(redis_url, [record("m1", "[/]", account="[bold]x"), record("m2", account="[i]")])
+    code, table, _ = cli("dlq", "stats", "--redis-url", redis_url)
+    assert code == 0
+    assert "[/]" in table
+    assert "[bold]x" in table
+    assert "[i]" in table
+
+
 @pytest.mark.parametrize(
     ("flags", "complaint"),
     [

@@ -86,6 +86,13 @@ def test_stats_table_for_people(redis_url: str) -> None:
     assert "silent-1" in out
 
 
+def test_a_queue_name_with_brackets_is_shown_as_written(redis_url: str) -> None:
+    for queue in ("orders[eu]", "q[/]"):
+        result = stats("--redis-url", redis_url, FORWARDER_QUEUE=queue)
+        assert result.returncode == 0, result.stderr
+        assert f"queue {queue!r}" in result.stdout.decode()
+
+
 def test_stats_on_an_empty_queue(redis_url: str) -> None:
     state = orjson.loads(stats("--json", "--redis-url", redis_url).stdout)
     assert state["pending"] == state["dead"] == state["liveWorkers"] == 0
