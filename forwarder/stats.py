@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -163,6 +164,8 @@ class QueueState:
         raise_if_cancelled()  # a Ctrl-C that redis-py swallowed still ends a watch
         now = float(reply[0])
         next_due, enqueued = float(reply[4]), float(reply[5])
+        if not math.isfinite(enqueued):
+            enqueued = -1.0  # Lua's JSON reads NaN and Infinity, which date nothing
         return Snapshot(
             at=now,
             pending=int(reply[1]),

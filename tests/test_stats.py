@@ -93,6 +93,19 @@ def test_a_queue_name_with_brackets_is_shown_as_written(redis_url: str) -> None:
         assert f"queue {queue!r}" in result.stdout.decode()
 
 
+@pytest.mark.parametrize("stamp", [b"NaN", b"-Infinity", b"Infinity"])
+def test_an_oldest_message_dated_by_no_number_has_no_age(redis_url: str, stamp: bytes) -> None:
+    # Not JSON, but Redis' Lua reads it: pushed by hand, it crashed the table.
+    with redis.Redis.from_url(redis_url) as client:
+        client.lpush(KEYS.queue, b'{"accountId": "1", "enqueuedAt": ' + stamp + b"}")
+    result = stats("--redis-url", redis_url)
+    assert result.returncode == 0, result.stderr
+    assert (
+        orjson.loads(stats("--json", "--redis-url", redis_url).stdout)["oldestPendingAgeSeconds"]
+        is None
+    )
+
+
 def test_stats_on_an_empty_queue(redis_url: str) -> None:
     state = orjson.loads(stats("--json", "--redis-url", redis_url).stdout)
     assert state["pending"] == state["dead"] == state["liveWorkers"] == 0
