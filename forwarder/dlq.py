@@ -436,15 +436,26 @@ async def _export(args: argparse.Namespace, store: DeadLetters) -> int:
         _say(f"cannot write {args.file}: {exc.strerror}")
         return 2
     written = purged = 0
+    failed: OSError | None = None
     try:
         async for page in _selected(store, args):
-            written += sink.write(page)
+            try:
+                written += sink.write(page)
+            except OSError as exc:
+                if args.file == "-":
+                    raise  # stdout closed: the command says so
+                failed = exc  # disk full, say: this page is not purged
+                break
             if args.purge:
                 purged += sum(await store.remove(page))
     finally:
-        sink.stream.flush()
+        if failed is None:
+            sink.stream.flush()
         where = "stdout" if args.file == "-" else args.file
         _say(f"exported {written} to {where}" + (f"; purged {purged}" if args.purge else ""))
+    if failed is not None:
+        _say(f"stopped: cannot write {args.file}: {failed.strerror} (--append mends a torn line)")
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ import contextlib
 import os
 import pty
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -686,6 +687,39 @@ def test_export_purge_killed_at_random_moments_loses_and_doubles_nothing(
     assert finisher.wait(timeout=30) == 0
     assert Counter(orjson.loads(line)["id"] for line in _complete_lines(path)) == everyone
     assert ids_in(redis_url, KEYS.dead) == []
+
+
+def _small_files_only() -> None:
+    # A write past 512 kB (three pages of records) fails with EFBIG, as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+
+
+def test_an_export_that_cannot_write_says_so_and_purges_nothing_unwritten(
+    redis_url: str, tmp_path: Path
+) -> None:
+    seed(redis_url, [record(f"e{i}") for i in range(3000)])
+    out = tmp_path / "dead.ndjson"
+    proc = forwarder(
+        "dlq",
+        "export",
+        str(out),
+        "--purge",
+        "--redis-url",
+        redis_url,
+        stderr=subprocess.PIPE,
+        preexec_fn=_small_files_only,
+    )
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert b"stopped: cannot write" in err
+    assert b"Traceback" not in err
+    # Every record is on disk or still in Redis (the page that failed, in part in both):
+    # only what was wholly written was purged.
+    left = ids_in(redis_url, KEYS.dead)
+    on_disk = {orjson.loads(line)["id"] for line in _complete_lines(out)}
+    assert 0 < len(left) < 3000
+    assert set(left) | on_disk == {f"e{i}" for i in range(3000)}
 
 
 def _complete_lines(path: Path) -> list[bytes]:
