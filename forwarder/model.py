@@ -497,6 +497,7 @@ class SessionUpdate(BaseModel):
         default=None,
         min_length=1,
         max_length=128,
+        pattern=_PRINTABLE,  # printed by the ops CLI, one per line, and logged
         description="Producer-chosen message id, for tracing; optional.",
     )
     enqueued_at: float | None = Field(

@@ -494,9 +494,9 @@ def test_account_id_pattern_is_named_in_the_error() -> None:
     ]
 
 
-@pytest.mark.parametrize("field", ["visitorId", "sessionId"])
+@pytest.mark.parametrize("field", ["visitorId", "sessionId", "id"])
 @pytest.mark.parametrize("value", ["", "a\nb", "tab\there", "x" * 257, "nul\x00", 7])
-def test_bad_visitor_and_session_ids_are_rejected(field: str, value: object) -> None:
+def test_bad_ids_are_rejected(field: str, value: object) -> None:
     (error,) = errors_of(message(**{field: value}))
 
     assert error.startswith(f"{field}: ")
@@ -520,7 +520,7 @@ def test_a_session_id_of_dots_passes_it_goes_in_the_query() -> None:
     assert decode(wire(sessionId=".."), 1 << 20).message["sessionId"] == ".."
 
 
-@pytest.mark.parametrize("field", ["visitorId", "sessionId"])
+@pytest.mark.parametrize("field", ["visitorId", "sessionId", "id"])
 @pytest.mark.parametrize("raw_id", [b'"v\\u0001"', b'"v\\t"', b'"v\x7f"', b'"v\xc2\x85"'])
 def test_control_characters_in_ids_are_refused_however_the_json_spells_them(
     field: str, raw_id: bytes
