@@ -97,6 +97,27 @@ def test_enqueue_refuses_what_the_workers_max_message_bytes_would_dead_letter(
     assert queued == ["small"]
 
 
+def test_enqueue_refuses_an_integer_past_64_bits_rather_than_round_it(redis_url: str) -> None:
+    def line(n: str, id_: str) -> bytes:
+        body = b'{"pageId":"p","n":' + n.encode() + b"}"
+        return orjson.dumps({**GOOD, "id": id_, "body": {}}).replace(b"{}", body) + b"\n"
+
+    data = (
+        line("123456789012345678901234567890", "huge")
+        + line("-9223372036854775809", "below")
+        + line("18446744073709551615", "12345678901234567890123")  # u64 max; a long id
+    )
+    result = forwarder("enqueue", "-", "--redis-url", redis_url, stdin=data)
+    assert result.returncode == 1
+    assert result.stderr.count(b"cannot be encoded as JSON") == 2
+    client = redis.Redis.from_url(redis_url)
+    queued = [orjson.loads(r) for r in client.lrange(QUEUE, 0, -1)]
+    client.close()
+    assert [(m["id"], m["body"]["n"]) for m in queued] == [
+        ("12345678901234567890123", 18446744073709551615)
+    ]
+
+
 def _enqueue_from_a_pipe(redis_url: str) -> subprocess.Popen[bytes]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
     return subprocess.Popen(
