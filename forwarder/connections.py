@@ -16,8 +16,9 @@ sentinels that require their own get ``FORWARDER_REDIS_SENTINEL_PASSWORD``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import redis
@@ -47,6 +48,7 @@ __all__ = [
 
 AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
 SyncRedis: TypeAlias = redis.Redis | redis.RedisCluster
+T = TypeVar("T")
 
 # Longer than any blocking pop the worker makes, so a silent network shows as an error
 # instead of a hang.
@@ -328,6 +330,21 @@ async def ping(client: AsyncRedis, key: str) -> None:
         await client.execute_command("PING", target_nodes=await cluster_node(client, key))
     else:
         await client.ping()
+
+
+async def finishing(call: Awaitable[T]) -> T:
+    """``call``'s result, even if this task is cancelled (a Ctrl-C) meanwhile.
+
+    A command cancelled while its reply is awaited may still have run in Redis: the
+    caller would not know, and could not report, what it did. Here it is awaited to its
+    end; the cancellation stays requested, for :func:`raise_if_cancelled` to honour
+    before the next step. A second cancellation stops the wait.
+    """
+    step = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        return await step
 
 
 def raise_if_cancelled() -> None:

@@ -33,7 +33,7 @@ from typing import Any, cast, get_args
 import orjson
 import structlog
 
-from forwarder.connections import AsyncRedis, raise_if_cancelled
+from forwarder.connections import AsyncRedis, finishing, raise_if_cancelled
 from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -325,20 +325,21 @@ class DeadLetters:
 
     async def replay(self, record: DeadLetter, message: bytes) -> bool:
         """Move ``record`` to the queue as ``message``; False if it was no longer dead."""
-        raise_if_cancelled()  # Ctrl-C: stop before the next record, not after it
-        moved = bool(await self._replay([self.keys.dead, self.keys.queue], [record.raw, message]))
+        raise_if_cancelled()  # Ctrl-C: stop before the next record, not during it
+        keys = [self.keys.dead, self.keys.queue]
+        moved = bool(await finishing(self._replay(keys, [record.raw, message])))
         if moved:
             self._taken.add(record.raw)
         return moved
 
     async def remove(self, records: list[DeadLetter]) -> list[bool]:
         """Delete ``records``; for each, whether it was still there."""
-        raise_if_cancelled()  # Ctrl-C: stop before the next page, not after it
+        raise_if_cancelled()  # Ctrl-C: stop before the next page, not during it
         async with self.redis.pipeline(transaction=False) as pipe:
             for record in records:
                 # redis-py types list values as str; bytes go out as they are.
                 pipe.lrem(self.keys.dead, -1, record.raw)  # type: ignore[arg-type]
-            removed = [bool(n) for n in await pipe.execute()]
+            removed = [bool(n) for n in await finishing(pipe.execute())]
         self._taken.update(r.raw for r, gone in zip(records, removed, strict=True) if gone)
         return removed
 

@@ -772,6 +772,43 @@ async def test_a_ctrl_c_that_redis_py_swallowed_still_stops_the_next_step(
     assert ids_in(redis_url, KEYS.queue) == []
 
 
+@pytest.mark.parametrize("step", ["replay", "remove"])
+async def test_a_ctrl_c_while_redis_runs_a_move_lets_it_finish_and_be_reported(
+    own_redis: RedisServer, step: str
+) -> None:
+    # The move had run in Redis but, its reply never read, the id was not printed.
+    seed(own_redis.url, [record("r1"), record("r2")])
+    client = AsyncRedis.from_url(own_redis.url)
+    store = DeadLetters(client, "forwarder")
+    [page] = [page async for page in store.pages()]
+    done: list[str] = []
+
+    async def move_each() -> None:
+        for one in page:
+            moved = (
+                await store.replay(one, one.raw)
+                if step == "replay"
+                else (await store.remove([one]))[0]
+            )
+            if moved:
+                done.append(one.id)
+
+    assert own_redis.pid is not None
+    os.kill(own_redis.pid, signal.SIGSTOP)  # the first move waits on Redis
+    try:
+        task = asyncio.create_task(move_each())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.sleep(0.1)
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await client.aclose()
+    assert done == [page[0].id]  # finished, reported, and nothing after it
+    assert ids_in(own_redis.url, KEYS.dead) == [page[1].id]
+
+
 def test_ctrl_c_stops_a_replay_between_records(redis_url: str) -> None:
     seed(redis_url, [record(f"r{i:03}") for i in range(300)])
     proc = forwarder(
