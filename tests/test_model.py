@@ -502,6 +502,19 @@ def test_bad_ids_are_rejected(field: str, value: object) -> None:
     assert error.startswith(f"{field}: ")
 
 
+def test_a_message_whose_wire_form_outgrows_the_cap_is_refused_before_it_is_sent() -> None:
+    # Python names go through the models, which write 1e9 as 1000000000.0: under the cap
+    # as pushed, its retry would be far over it, and refused after a first attempt.
+    item = {"product": {"price": "BIG"}}
+    cart = {"type": "cart", "total": 1.0, "num_items": 1, "products": [item] * 300}
+    body = {"page_id": "p", "engagementAttributes": [cart]}
+    raw = orjson.dumps(message(body)).replace(b'"BIG"', b"1e9")
+    assert len(raw) < 8192
+    with pytest.raises(InvalidMessage, match="over the 8192-byte cap in wire form"):
+        decode(raw, 8192)
+    assert decode(raw, 16384).body.count(b"1000000000.0") == 300
+
+
 @pytest.mark.parametrize("visitor_id", [".", ".."])
 def test_a_visitor_id_that_is_a_dot_segment_is_refused(visitor_id: str) -> None:
     # Sent, /visitors/.. would be resolved to another resource of the API.
