@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,15 +131,17 @@ async def test_a_40_second_outage_dead_letters_nothing_and_costs_few_requests(
     assert last < outage_end + 20
 
 
-def throttle_once(retry_after: str) -> Override:
-    """A 429 with ``Retry-After`` for each visitor's first request, then the usual rules."""
+def throttle_once(retry_after: str | Callable[[], str]) -> Override:
+    """A 429 with ``Retry-After`` (or what it gives, when answering) for each visitor's
+    first request, then the usual rules."""
     answered: set[str] = set()
 
     async def throttle(request: Received) -> web.StreamResponse | None:
         if request.visitor_id in answered:
             return None
         answered.add(request.visitor_id)
-        return web.Response(status=429, headers={"Retry-After": retry_after})
+        value = retry_after() if callable(retry_after) else retry_after
+        return web.Response(status=429, headers={"Retry-After": value})
 
     return throttle
 
@@ -166,7 +168,7 @@ async def test_a_retry_after_date_without_a_zone_is_read_as_gmt(
     redis_url: str, standin: StandIn, spelling: str
 ) -> None:
     # HTTP dates are always GMT; these two spellings name no zone (RFC 9110, 5.6.7).
-    standin.override = throttle_once(time.strftime(spelling, time.gmtime(time.time() + 3)))
+    standin.override = throttle_once(lambda: time.strftime(spelling, time.gmtime(time.time() + 3)))
     await enqueue(redis_url, ["ok-t"])
     async with running(fast_settings(redis_url, standin, retry_delays=(0.1,))):
         await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
