@@ -966,6 +966,11 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
         verdict = _json_verdict(raw)
         if verdict is None:  # only the models read it (Python-named keys): their form
             message = wire_form(_check_by_models(message))
+            # Written out again (names, numbers: 1e9 is 1000000000.0), it can grow without
+            # bound: the cap holds for the form it is sent and retried in, as a producer's.
+            size = len(orjson.dumps(message))
+            if size > max_bytes:
+                raise InvalidMessage([too_large(size, max_bytes) + " in wire form"])
         elif verdict is False:
             _check_by_models(message)
             # The models took what msgspec refused: a body key given twice, where the
@@ -973,11 +978,6 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
             raise InvalidMessage([_refusal(raw)])
         # As written where msgspec read it; msgspec leaves Python-named keys to the models.
         body = bytes(envelope.body) if envelope is not None else orjson.dumps(message["body"])
-        # Written again in wire form (names, numbers: 1e9 is 1000000000.0), it can grow
-        # without bound: the cap holds for the form it is sent and retried in.
-        size = len(orjson.dumps({**message, "body": orjson.Fragment(body)}))
-        if size > max_bytes:
-            raise InvalidMessage([too_large(size, max_bytes) + " in wire form"])
     message["body"] = orjson.Fragment(body)
     if message.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
