@@ -787,9 +787,9 @@ _DOT_SEGMENTS = frozenset({".", ".."})
 @dataclass(frozen=True, slots=True)
 class _Judges:
     """A message's msgspec translation, and the same but for the ids' patterns, for JSON
-    in which no string can hold a control character: nearly every message, and two Python
-    re calls less, a fifth off the verdict's time (the visitor id's dot segments are then
-    looked for by a set lookup)."""
+    in which no string can hold a control character: nearly every message, and a Python
+    re call less for each id, a fifth or more off the verdict's time (the visitor id's
+    dot segments are then looked for by a set lookup)."""
 
     full: msgspec.json.Decoder[Any]
     plain: msgspec.json.Decoder[Any]
