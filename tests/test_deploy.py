@@ -33,7 +33,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from forwarder import cli
+from forwarder import cli, connections, metrics, worker
 from forwarder.embedded import RedisServer, free_port
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -255,9 +255,17 @@ def test_compose_redis_is_durable_protected_and_checked() -> None:
     assert "redis-cli ping" in " ".join(redis_service["healthcheck"]["test"])
 
 
+def _longest_stop(grace: float) -> float:
+    """The longest a stopping worker takes: a hung Redis call ends (blocking pop plus
+    socket timeout), in-flight PUTs get the grace, outcomes and the give-back each wait
+    up to GIVE_UP_SECONDS for Redis, the listener stops."""
+    hung_call = worker.BLOCK_SECONDS + connections.SOCKET_TIMEOUT
+    return hung_call + grace + 2 * worker.GIVE_UP_SECONDS + metrics.STOP_TIMEOUT
+
+
 def test_compose_workers_wait_for_redis_and_outlast_their_own_grace() -> None:
     services = _compose()["services"]
-    grace = Settings.model_fields["shutdown_grace"].default
+    grace = _longest_stop(Settings.model_fields["shutdown_grace"].default)
     for name in ("forwarder", "forwarder-demo"):
         worker = services[name]
         assert worker["command"] == ["worker"]
@@ -389,7 +397,7 @@ def test_the_manifests_agree_with_each_other_and_the_worker(directory: Path) -> 
 
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
     grace = float(config.get("FORWARDER_SHUTDOWN_GRACE", Settings().shutdown_grace))
-    assert pod["spec"]["terminationGracePeriodSeconds"] > grace
+    assert pod["spec"]["terminationGracePeriodSeconds"] > _longest_stop(grace)
 
     [port] = [p for p in container["ports"] if p["name"] == "metrics"]
     assert str(port["containerPort"]) == config["FORWARDER_METRICS_PORT"]
