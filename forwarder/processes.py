@@ -3,8 +3,9 @@
 Each child is a plain ``forwarder worker`` with the same settings (the parent's flags
 passed on as environment variables) and its own metrics port (the base port + its
 index). SIGTERM or SIGINT to the parent reaches every child, which stops as one worker
-does; the parent exits when all have, with the worst exit code (a child that this
-SIGTERM killed while it was still starting took nothing: a clean stop). A child that
+does; the parent exits when all have, with the worst exit code (a child killed by a
+signal counts as 128 + its number; one that this SIGTERM killed while it was still
+starting took nothing: a clean stop). A child that
 exits on its own stops the others too: the orchestrator, not this parent, restarts
 workers. A parent killed outright (SIGKILL) takes its children with it, on Linux: they
 get SIGTERM and stop cleanly, rather than go on unsupervised beside a restarted
@@ -56,7 +57,9 @@ def _exit_code(returncode: int, stopping: bool) -> int:
     # starting: it had taken nothing, so that is a clean stop, not a failure.
     if stopping and returncode == -signal.SIGTERM:
         return 0
-    return abs(returncode)
+    # Killed by a signal: reported as a shell does (137 for an OOM kill's SIGKILL), not
+    # as the bare signal number, which reads as an exit code of the worker's own.
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _spawn(index: int, env: Mapping[str, str], metrics_port: int) -> subprocess.Popen[bytes]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -200,6 +201,23 @@ async def test_a_parent_killed_outright_takes_its_worker_processes_with_it(
         # line comes just after it leaves the workers' set).
         await wait_until(lambda: _workers_are(redis_client, 0), 15, "the children to stop")
         await wait_until(lambda: _logged(log, "worker_stopped", 2), 5, "2 worker_stopped")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+async def test_a_worker_process_killed_outright_stops_the_others_and_the_parent_says_so(
+    redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
+) -> None:
+    log = tmp_path / "workers.log"
+    parent = worker_process(redis_url, standin, log, "--processes", "2")
+    try:
+        await wait_until(lambda: _workers_are(redis_client, 2), 10, "2 registered workers")
+        [first] = cast(list[bytes], await redis_client.zrange(KEYS.workers, 0, 0))
+        os.kill(int(first.rsplit(b":", 2)[1]), signal.SIGKILL)  # as the OOM killer does
+        # As a shell reports a death by signal, not 9 (which reads as the worker's own).
+        assert await wait_exit(parent, 20) == 128 + signal.SIGKILL
+        await wait_until(lambda: _logged(log, "worker_stopped"), 5, "the other to stop")
     finally:
         if parent.poll() is None:
             parent.kill()
