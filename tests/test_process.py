@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -170,20 +172,30 @@ async def _dead_is(redis: Redis, n: int) -> bool:
     return int(await redis.llen(KEYS.dead)) == n
 
 
+@contextlib.asynccontextmanager
+async def _two_workers(
+    redis_url: str, redis: Redis, standin: StandIn, log: Path
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """``forwarder worker --processes 2``, once both workers are registered; killed at
+    the end if still running."""
+    parent = worker_process(redis_url, standin, log, "--processes", "2")
+    try:
+        await wait_until(lambda: _workers_are(redis, 2), 10, "2 registered workers")
+        yield parent
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
 async def test_processes_runs_several_workers_and_stops_them_together(
     redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
 ) -> None:
     await enqueue(redis_url, [f"ok-{i}" for i in range(500)])
     log = tmp_path / "workers.log"
-    parent = worker_process(redis_url, standin, log, "--processes", "2")
-    try:
-        await wait_until(lambda: _workers_are(redis_client, 2), 10, "2 registered workers")
+    async with _two_workers(redis_url, redis_client, standin, log) as parent:
         await standin.wait_for(lambda api: len(api.delivered) == 500, 20)
         parent.send_signal(signal.SIGTERM)
         assert await wait_exit(parent, 15) == 0
-    finally:
-        if parent.poll() is None:
-            parent.kill()
     assert await redis_client.zcard(KEYS.workers) == 0
     assert log.read_text().count("worker_stopped") == 2
 
@@ -192,35 +204,25 @@ async def test_a_parent_killed_outright_takes_its_worker_processes_with_it(
     redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
 ) -> None:
     log = tmp_path / "workers.log"
-    parent = worker_process(redis_url, standin, log, "--processes", "2")
-    try:
-        await wait_until(lambda: _workers_are(redis_client, 2), 10, "2 registered workers")
+    async with _two_workers(redis_url, redis_client, standin, log) as parent:
         parent.kill()
         await wait_exit(parent, 5)
         # Each child got SIGTERM as its parent died and stopped as a worker does (its last
         # line comes just after it leaves the workers' set).
         await wait_until(lambda: _workers_are(redis_client, 0), 15, "the children to stop")
         await wait_until(lambda: _logged(log, "worker_stopped", 2), 5, "2 worker_stopped")
-    finally:
-        if parent.poll() is None:
-            parent.kill()
 
 
 async def test_a_worker_process_killed_outright_stops_the_others_and_the_parent_says_so(
     redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
 ) -> None:
     log = tmp_path / "workers.log"
-    parent = worker_process(redis_url, standin, log, "--processes", "2")
-    try:
-        await wait_until(lambda: _workers_are(redis_client, 2), 10, "2 registered workers")
+    async with _two_workers(redis_url, redis_client, standin, log) as parent:
         [first] = cast(list[bytes], await redis_client.zrange(KEYS.workers, 0, 0))
         os.kill(int(first.rsplit(b":", 2)[1]), signal.SIGKILL)  # as the OOM killer does
         # As a shell reports a death by signal, not 9 (which reads as the worker's own).
         assert await wait_exit(parent, 20) == 128 + signal.SIGKILL
         await wait_until(lambda: _logged(log, "worker_stopped"), 5, "the other to stop")
-    finally:
-        if parent.poll() is None:
-            parent.kill()
 
 
 async def test_processes_stopped_while_their_workers_start_exit_0(
