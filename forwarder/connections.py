@@ -60,7 +60,8 @@ SENTINEL_PORT = 26379
 EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 PLAIN_SCHEMES = {"redis", "rediss"}
-UNREADABLE = "host:port expected (percent-encode any / ? # @ in the password)"
+_ENCODE_HINT = "(percent-encode any / ? # @ in the password)"
+UNREADABLE = f"host:port expected {_ENCODE_HINT}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,15 +141,13 @@ def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_passwor
         raise ValueError("a sentinel password needs a redis+sentinel:// URL")
     if parts.scheme not in PLAIN_SCHEMES and not (parts.scheme == "unix" and not cluster):
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
-    if parts.scheme in PLAIN_SCHEMES and not has_address(parts):
-        raise ValueError(f"bad Redis address: {UNREADABLE}")
-    db = parts.path.removeprefix("/")
-    if parts.scheme in PLAIN_SCHEMES and db and not (db.isascii() and db.isdigit()):
-        # redis-py ignores a path that is no number: that would be database 0.
-        raise ValueError(
-            "the Redis URL's path must be a database number "
-            "(percent-encode any / ? # @ in the password)"
-        )
+    if parts.scheme in PLAIN_SCHEMES:
+        if not has_address(parts):
+            raise ValueError(f"bad Redis address: {UNREADABLE}")
+        db = parts.path.removeprefix("/")
+        if db and not (db.isascii() and db.isdigit()):
+            # redis-py ignores a path that is no number: that would be database 0.
+            raise ValueError(f"the Redis URL's path must be a database number {_ENCODE_HINT}")
     try:
         # The query's values, checked as the client checks them when first used.
         redis.connection.parse_url(url)  # type: ignore[no-untyped-call]

@@ -53,10 +53,11 @@ _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _JSON_SCHEMA_TITLE = "Forwarder session update"
 
 # C0 and C1 control characters: ids end up in the request URL and in log lines.
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_CONTROLS = r"\x00-\x1f\x7f-\x9f"
+_PRINTABLE = rf"^[^{_CONTROLS}]*$"
 # The same, but not "." or "..": the visitor id is a URL path segment, and those would be
 # dot segments, which servers and proxies resolve to another resource. ("..." is not one.)
-_PATH_SEGMENT = r"^(?:\.*[^\x00-\x1f\x7f-\x9f.][^\x00-\x1f\x7f-\x9f]*|\.{3,})$"
+_PATH_SEGMENT = rf"^(?:\.*[^{_CONTROLS}.][^{_CONTROLS}]*|\.{{3,}})$"
 
 
 _WIRE_CONFIG = ConfigDict(

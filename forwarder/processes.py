@@ -5,11 +5,10 @@ passed on as environment variables) and its own metrics port (the base port + it
 index). SIGTERM or SIGINT to the parent reaches every child, which stops as one worker
 does; the parent exits when all have, with the worst exit code (a child killed by a
 signal counts as 128 + its number; one that this SIGTERM killed while it was still
-starting took nothing: a clean stop). A child that
-exits on its own stops the others too: the orchestrator, not this parent, restarts
-workers. A parent killed outright (SIGKILL) takes its children with it, on Linux: they
-get SIGTERM and stop cleanly, rather than go on unsupervised beside a restarted
-parent's.
+starting took nothing: a clean stop). A child that exits on its own stops the others
+too: the orchestrator, not this parent, restarts workers. A parent killed outright
+(SIGKILL) takes its children with it, on Linux: they get SIGTERM and stop cleanly,
+rather than go on unsupervised beside a restarted parent's.
 """
 
 from __future__ import annotations
