@@ -15,7 +15,7 @@ import redis
 from pydantic import ValidationError
 
 from forwarder import dlq, logs, stats
-from forwarder.connections import sync_redis_client
+from forwarder.connections import CLUSTER_UNREACHABLE, sync_redis_client
 from forwarder.model import format_errors, message_json_schema
 from forwarder.ndjson import enqueue_lines
 from forwarder.queue import Keys
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, settings)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:  # down, or hung
+    except (redis.ConnectionError, redis.TimeoutError, CLUSTER_UNREACHABLE) as exc:  # down
         print(f"forwarder: cannot reach Redis at the configured URL: {exc}", file=sys.stderr)
         return 3
     except redis.RedisError as exc:

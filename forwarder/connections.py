@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from forwarder.settings import Settings
 
 __all__ = [
+    "CLUSTER_UNREACHABLE",
     "AsyncRedis",
     "SentinelTarget",
     "SyncRedis",
@@ -45,6 +46,11 @@ __all__ = [
     "sync_client",
     "sync_redis_client",
 ]
+
+# Where redis-py's cluster client cannot learn the cluster's layout (no node answers, a
+# slot no master serves, nodes that disagree mid-resharding) it raises this, which is no
+# RedisError: for us an outage, as a ConnectionError is.
+CLUSTER_UNREACHABLE = redis.exceptions.RedisClusterException
 
 AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
 SyncRedis: TypeAlias = redis.Redis | redis.RedisCluster
@@ -310,16 +316,18 @@ async def eviction_policy(client: AsyncRedis) -> str | None:
 
 
 async def cluster_node(client: redis.asyncio.RedisCluster, key: str) -> ClusterNode:
-    """The master serving ``key``'s slot; ClusterDownError if none does."""
+    """The master serving ``key``'s slot, the layout learnt first if need be."""
     await client.initialize()
+    return cast(ClusterNode, slot_owner(client, key))
+
+
+def slot_owner(client: redis.RedisCluster | redis.asyncio.RedisCluster, key: str) -> Any:
+    """The master serving ``key``'s slot, as ``client`` last learnt the cluster's layout;
+    SlotNotCoveredError (one of the :data:`CLUSTER_UNREACHABLE`) if none does."""
     node = client.get_node_from_key(key)
-    if node is None:
-        raise uncovered_slot(key)
+    if node is None:  # the client raises instead; its signature allows None
+        raise redis.exceptions.SlotNotCoveredError(f"no cluster node serves {key}'s slot")
     return node
-
-
-def uncovered_slot(key: str) -> redis.exceptions.ClusterDownError:
-    return redis.exceptions.ClusterDownError(f"no cluster node serves {key}'s slot")
 
 
 async def ping(client: AsyncRedis, key: str) -> None:

@@ -22,7 +22,13 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import orjson
 import redis.exceptions
 
-from forwarder.connections import AsyncRedis, SyncRedis, async_client, sync_client
+from forwarder.connections import (
+    CLUSTER_UNREACHABLE,
+    AsyncRedis,
+    SyncRedis,
+    async_client,
+    sync_client,
+)
 from forwarder.model import (
     MAX_MESSAGE_BYTES,
     PASSTHROUGH,
@@ -42,7 +48,8 @@ Update = SessionUpdate | Mapping[str, Any]
 # updates (700 kB) per LPUSH made encoding 40 % slower on the development VM.
 PUSH_BYTES = 64 * 1024
 # Connection errors, timeouts, a fail-over in progress (a read-only replica, a cluster
-# slot moving), and a Redis out of memory (noeviction) until the workers drain it.
+# slot moving, a cluster whose layout cannot be learnt), and a Redis out of memory
+# (noeviction) until the workers drain it.
 REDIS_UNAVAILABLE = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ConnectionError,
@@ -51,6 +58,7 @@ REDIS_UNAVAILABLE = (
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.AskError,
+    CLUSTER_UNREACHABLE,
 )
 
 

@@ -40,7 +40,7 @@ import redis.asyncio
 import redis.asyncio.connection
 import redis.exceptions
 
-from forwarder.connections import AsyncRedis, SyncRedis, cluster_node, uncovered_slot
+from forwarder.connections import AsyncRedis, SyncRedis, cluster_node, slot_owner
 
 Send = Callable[..., None]
 AsyncSend = Callable[..., Awaitable[None]]
@@ -127,10 +127,7 @@ def _raise_any(results: list[Any]) -> None:
 
 def _sync_node(client: SyncRedis, key: str) -> redis.Redis:
     if isinstance(client, redis.RedisCluster):
-        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
-        if node is None:
-            raise uncovered_slot(key)
-        return cast(redis.Redis, node.redis_connection)
+        return cast(redis.Redis, slot_owner(client, key).redis_connection)
     return client
 
 

@@ -35,6 +35,7 @@ from forwarder import outcome
 from forwarder.breaker import Breakers
 from forwarder.client import Attempt, EngagementClient, Put
 from forwarder.connections import (
+    CLUSTER_UNREACHABLE,
     EVICTING_POLICIES,
     AsyncRedis,
     eviction_policy,
@@ -60,6 +61,7 @@ REDIS_DOWN = (
     RedisTimeoutError,
     ClusterDownError,
     TryAgainError,
+    CLUSTER_UNREACHABLE,
     OutOfMemoryError,
     OSError,
 )
@@ -196,7 +198,7 @@ class Worker:
         """Warn if Redis may evict the queue's keys (and so messages) when out of memory."""
         try:
             policy = await eviction_policy(self.queue.redis)
-        except (RedisError, OSError) as exc:
+        except (RedisError, CLUSTER_UNREACHABLE, OSError) as exc:
             # INFO may be denied (ACLs, managed services) or Redis gone again: not fatal.
             log.debug("redis_policy_unknown", worker=self.id, error=type(exc).__name__)
             return

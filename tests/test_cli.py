@@ -204,6 +204,18 @@ def test_enqueue_of_a_missing_file_says_so(tmp_path: Path) -> None:
     assert b"Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["stats"], ["enqueue", "-"], ["dlq", "stats"]])
+def test_a_redis_cluster_down_is_said_in_one_line(command: list[str]) -> None:
+    # redis-py's cluster client raises RedisClusterException here, which is no RedisError.
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = forwarder(
+        *command, stdin=orjson.dumps(GOOD), FORWARDER_REDIS_URL=url, FORWARDER_REDIS_CLUSTER="true"
+    )
+    assert result.returncode == 3
+    assert b"cannot reach Redis" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
 def test_enqueue_with_redis_down_says_so() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = forwarder("enqueue", "-", "--redis-url", url, stdin=orjson.dumps(GOOD))

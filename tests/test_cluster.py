@@ -7,6 +7,7 @@ master that owns its slot, with a plain (non-cluster) client that follows no red
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -74,6 +75,9 @@ class Cluster:
             capture_output=True,
             timeout=30,
         )
+        self.wait_ok()
+
+    def wait_ok(self) -> None:
         deadline = time.monotonic() + 15
         while not all(self._ok(node) for node in self.nodes):
             if time.monotonic() > deadline:
@@ -199,6 +203,10 @@ async def test_delivered_dead_lettered_and_retried_on_a_cluster(
     [record] = await _dead(fresh_cluster, keys)
     assert (record["id"], record["reason"], record["status"]) == (ids[2], "client_error", 400)
     assert await _left_in(fresh_cluster, keys) == DRAINED
+
+
+async def _registered(cluster: Cluster, keys: Keys) -> bool:
+    return bool((await _left_in(cluster, keys))["workers"])
 
 
 async def _dead_is(cluster: Cluster, keys: Keys, n: int) -> bool:
@@ -404,3 +412,78 @@ async def test_a_batch_sent_to_a_moved_slots_old_owner_lands_nowhere_and_a_retry
         sync.close()
         fresh_cluster.flush()
         fresh_cluster.move(key, old)
+
+
+@contextlib.contextmanager
+def _uncovered(cluster: Cluster, key: str) -> Iterator[None]:
+    """No master serves ``key``'s slot for the block (as after losing a master that had no
+    replica), then its owner takes it back."""
+    owner = cluster.owner(key)
+    clients = [redis.Redis(port=node.port) for node in cluster.nodes]
+    try:
+        slot = int(clients[0].cluster("keyslot", key))
+        for client in clients:
+            client.cluster("delslots", slot)
+        yield
+    finally:
+        redis.Redis(port=owner.port).cluster("addslots", slot)
+        cluster.wait_ok()
+        for client in clients:
+            client.close()
+
+
+async def test_a_slot_no_master_serves_is_an_outage_the_worker_rides_out(
+    fresh_cluster: Cluster, standin: StandIn
+) -> None:
+    keys = Keys("forwarder")
+    port = free_port()
+    settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True, metrics_port=port)
+    readyz = f"http://127.0.0.1:{port}/readyz"
+    async with running(settings) as worker, aiohttp.ClientSession() as session:
+        await wait_until(lambda: _registered(fresh_cluster, keys), 5, "the worker's heartbeat")
+        with _uncovered(fresh_cluster, keys.queue):
+            # Claims, heartbeats and promotions fail: first CLUSTERDOWN, then, as the
+            # client learns the layout again, RedisClusterException (no RedisError).
+            await asyncio.sleep(1.5)
+            assert not worker.stopping
+            async with session.get(readyz) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["reason"] == "redis_unavailable"
+        producer = Producer.from_url(fresh_cluster.url, cluster=True)
+        try:
+            await producer.enqueue_many([make_update("123", "ok-after", "s1", BODY)])
+        finally:
+            await producer.aclose()
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+        async with session.get(readyz) as resp:
+            assert resp.status == 200
+    assert not worker.failed
+
+
+async def test_a_whole_cluster_down_is_an_outage_the_worker_rides_out(
+    fresh_cluster: Cluster, standin: StandIn
+) -> None:
+    keys = Keys("forwarder")
+    settings = fast_settings(fresh_cluster.url, standin, redis_cluster=True)
+    async with running(settings) as worker:
+        await wait_until(lambda: _registered(fresh_cluster, keys), 5, "the worker's heartbeat")
+        producer = Producer.from_url(fresh_cluster.url, cluster=True)
+        update = make_update("123", "ok-after", "s1", BODY)
+        try:
+            for node in fresh_cluster.nodes:
+                node.stop()
+            try:
+                # No node answers: the client cannot learn the layout (RedisClusterException).
+                await asyncio.sleep(1.5)
+                assert not worker.stopping
+                with pytest.raises(QueueUnavailable):
+                    await producer.enqueue_many([update])
+            finally:
+                for node in fresh_cluster.nodes:
+                    node.start()
+            fresh_cluster.wait_ok()
+            await producer.enqueue_many([update])
+        finally:
+            await producer.aclose()
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 15)
+    assert not worker.failed
