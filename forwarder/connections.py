@@ -242,8 +242,15 @@ def _client(
         )
         master.sentinels = sentinel
         return master
-    factory = family.cluster if cluster else family.plain
-    return factory.from_url(url, **_common(password))
+    if cluster:
+        return family.cluster.from_url(url, **_common(password))
+    # A master demoted behind the same address (a DNS name, a cloud primary endpoint)
+    # answers READONLY: redis-py then drops that connection and tries on a new one,
+    # which finds the new master once the name points there. (Sentinel and Cluster
+    # clients follow a fail-over themselves.)
+    return family.plain.from_url(
+        url, retry_on_error=[redis.exceptions.ReadOnlyError], **_common(password)
+    )
 
 
 def async_client(

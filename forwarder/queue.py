@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from redis.exceptions import ResponseError
+
 from forwarder.connections import AsyncRedis
 
 Op = Literal["ack", "retry", "dead"]
@@ -523,7 +525,16 @@ class Queue:
         end: the queue is unchanged, so no message is ever only in a reply, and the next
         :meth:`claim` takes it in order with the rest (session ordering depends on that).
         """
-        moved = await self.redis.blmove(self.keys.queue, self.keys.queue, seconds, "RIGHT", "RIGHT")
+        try:
+            moved = await self.redis.blmove(
+                self.keys.queue, self.keys.queue, seconds, "RIGHT", "RIGHT"
+            )
+        except ResponseError as exc:
+            # The server turned replica (a fail-over) under the blocked pop: look again,
+            # and the next claim meets the fail-over as an outage (READONLY).
+            if str(exc).startswith("UNBLOCKED"):
+                return False
+            raise
         return moved is not None
 
     async def settle(self, settlements: Sequence[Settlement]) -> tuple[int, list[bool]]:

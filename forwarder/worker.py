@@ -27,7 +27,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 import structlog
-from redis.exceptions import ClusterDownError, OutOfMemoryError, RedisError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -52,13 +58,15 @@ from forwarder.settings import Settings
 
 log = structlog.get_logger("forwarder.worker")
 
-# Outages and fail-overs (Sentinel's MasterNotFoundError is a ConnectionError; a
-# cluster mid-failover answers CLUSTERDOWN or TRYAGAIN): retried, never fatal. So is a
+# Outages and fail-overs (Sentinel's MasterNotFoundError is a ConnectionError; a master
+# demoted behind the same address answers READONLY; a cluster mid-failover answers
+# CLUSTERDOWN or TRYAGAIN): retried, never fatal. So is a
 # Redis out of memory (noeviction): it refuses the writes that may grow it, but claims,
 # settles and promotions free memory first and still run, so the fleet drains it.
 REDIS_DOWN = (
     RedisConnectionError,
     RedisTimeoutError,
+    ReadOnlyError,
     ClusterDownError,
     TryAgainError,
     CLUSTER_UNREACHABLE,

@@ -445,3 +445,39 @@ async def _in_flight(url: str, n: int) -> bool:
         return sum([int(await client.hlen(k)) for k in keys]) == n
     finally:
         await client.aclose()
+
+
+async def test_a_master_demoted_to_a_replica_is_an_outage_not_a_crash(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    # A fail-over behind one address (a DNS name, a cloud primary endpoint): the node the
+    # worker's connections reach becomes a replica, and every write answers READONLY.
+    with (
+        RedisServer(tmp_path / "first") as first,
+        RedisServer(tmp_path / "second") as second,
+    ):
+        one, two = Redis.from_url(first.url), Redis.from_url(second.url)
+        try:
+            await two.replicaof("127.0.0.1", first.port)
+            async with running(fast_settings(first.url, standin)) as worker:
+                await enqueue(first.url, ["ok-before"])
+                await standin.wait_for(lambda api: len(api.delivered) == 1, 5)
+                await two.replicaof("NO", "ONE")
+                await one.replicaof("127.0.0.1", second.port)
+                connections = await _connections_received(one)
+                await asyncio.sleep(1.5)
+                assert not worker.stopping
+                # A connection answered READONLY is dropped, so a new one can find the
+                # new master once the address points there (dozens here; one, kept, before).
+                assert await _connections_received(one) - connections > 5
+                await one.replicaof("NO", "ONE")  # the address reaches a master again
+                await enqueue(first.url, ["ok-after"])
+                await standin.wait_for(lambda api: len(api.delivered) == 2, 15)
+            assert not worker.failed
+        finally:
+            await one.aclose()
+            await two.aclose()
+
+
+async def _connections_received(redis: Redis) -> int:
+    return int((await redis.info("stats"))["total_connections_received"])
