@@ -318,6 +318,19 @@ def test_replay_moves_records_to_the_producer_end_with_attempts_reset(
     assert all("attempts" not in m and "lastError" not in m for m in queued.values())
 
 
+def test_a_replay_redis_refuses_keeps_the_dead_letter(redis_url: str, cli: Any) -> None:
+    seed(redis_url, [record("w1"), record("w2")])
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(KEYS.queue, "not a list")  # a name clash on the queue's key
+        code, out, err = cli("dlq", "replay", "--redis-url", redis_url)
+        assert (code, out) == (1, "")
+        assert "WRONGTYPE" in err
+        assert client.llen(KEYS.dead) == 2
+    finally:
+        client.close()
+
+
 def test_replay_with_filters_and_dry_run(redis_url: str, cli: Any) -> None:
     seed(redis_url, MIX)
     code, out, err = cli("dlq", "replay", "--dry-run", "--status", "5xx", "--redis-url", redis_url)
