@@ -48,6 +48,10 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 MAX_MESSAGE_BYTES = 256 * 1024
+# The forwarder counts attempts and replays up from what a message carries; past 64 bits
+# the count could not be written back as JSON (orjson), so a message could be neither
+# retried nor dead-lettered.
+COUNTER_MAX = 2**31 - 1
 
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _JSON_SCHEMA_TITLE = "Forwarder session update"
@@ -504,12 +508,17 @@ class SessionUpdate(BaseModel):
     enqueued_at: float | None = Field(
         default=None, description="When the message was first pushed, in Unix seconds."
     )
-    attempts: int = Field(default=0, ge=0, description="Failed delivery attempts so far.")
+    attempts: int = Field(
+        default=0, ge=0, le=COUNTER_MAX, description="Failed delivery attempts so far."
+    )
     last_error: str | None = Field(
         default=None, description="Why the latest delivery attempt failed."
     )
     replayed: int = Field(
-        default=0, ge=0, description="Times the message was replayed from the dead-letter queue."
+        default=0,
+        ge=0,
+        le=COUNTER_MAX,
+        description="Times the message was replayed from the dead-letter queue.",
     )
 
 

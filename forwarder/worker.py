@@ -163,6 +163,9 @@ class Worker:
         for task in background:
             task.add_done_callback(self._background_done)
         consumers = [asyncio.create_task(self._consume()) for _ in range(self.settings.concurrency)]
+        for task in consumers:
+            # One lost for a bug would leave its message in flight while this worker lives.
+            task.add_done_callback(self._background_done)
         try:
             await self._claim_loop()
             await self._drain(consumers)
@@ -314,7 +317,7 @@ class Worker:
                 message = job.message
                 log.exception("delivery_crashed", id=message["id"], account=message["accountId"])
                 attempt = Attempt(None, time.perf_counter() - started, failure="internal")
-                result = outcome.after_attempt(job.claimed, message, attempt, self._policy)
+                result = _after_crash(job, attempt, self._policy)
                 if job.probe and host:
                     # Only a probe's result ends its breaker's half-open wait: without
                     # one, the host would stay shut (every message parked) for good.
@@ -529,6 +532,18 @@ class _Results:
 
     async def all_recorded(self) -> None:
         await self._none_left.wait()
+
+
+def _after_crash(job: _Job, attempt: Attempt, policy: outcome.RetryPolicy) -> Outcome:
+    """The outcome of a delivery that crashed; its raw bytes dead-lettered if deciding
+    it crashes too (the bug is in the outcome), never a consumer lost."""
+    try:
+        return outcome.after_attempt(job.claimed, job.message, attempt, policy)
+    except Exception as exc:
+        log.exception("outcome_crashed", id=job.message["id"])
+        return outcome.invalid(
+            job.claimed, [f"(root): could not be settled ({type(exc).__name__})"]
+        )
 
 
 def _redis_down(during: str, exc: BaseException) -> None:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from forwarder.demo import DOCS_EXAMPLE_BODY as DOCS_BODY
 from forwarder.demo import SAMPLE_BODIES
 from forwarder.model import (
+    COUNTER_MAX,
+    MAX_MESSAGE_BYTES,
     PASSTHROUGH,
     Cart,
     CustomerInfo,
@@ -922,3 +924,18 @@ def test_decode_raises_the_models_errors() -> None:
         decode(orjson.dumps(msg), 1 << 20)
 
     assert caught.value.errors == errors_of(msg)
+
+
+@pytest.mark.parametrize("field", ["attempts", "replayed"])
+def test_a_counter_the_forwarder_could_not_write_back_is_refused(field: str) -> None:
+    message = {"accountId": "1", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
+    assert wire_errors({**message, field: COUNTER_MAX}) is None
+    for value in (COUNTER_MAX + 1, 2**64 - 1, 10**30):
+        assert disagreement({**message, field: value}) is None
+        assert wire_errors({**message, field: value}) == [
+            f"{field}: Input should be less than or equal to {COUNTER_MAX}"
+        ]
+        # Pushed by hand (orjson writes no integer past 64 bits), the worker refuses it.
+        raw = orjson.dumps(message)[:-1] + f',"{field}":{value}}}'.encode()
+        with pytest.raises(InvalidMessage):
+            decode(raw, MAX_MESSAGE_BYTES)

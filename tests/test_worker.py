@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from forwarder import cli, model
+from forwarder import cli, model, outcome
 from forwarder import worker as worker_module
 from forwarder.answers import MAX_ANSWER_BYTES
 from forwarder.deadletters import Retention
@@ -286,6 +286,11 @@ async def test_waiting_retries_are_kept_in_the_delayed_set(
         b'{"accountId": "1", "visitorId": "v", "sessionId": "s"}',
         b'{"accountId": "a/b", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}',
         b"\xff\xfe{}",
+        # Counters the worker could not write back (past 64 bits) once it adds one.
+        b'{"accountId": "1", "visitorId": "bad-1", "sessionId": "s", "body": {"pageId": "p"},'
+        b' "attempts": 18446744073709551615}',
+        b'{"accountId": "1", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"},'
+        b' "replayed": 1000000000000000000000000000000}',
     ],
 )
 async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
@@ -322,6 +327,30 @@ async def test_a_crash_in_decoding_dead_letters_the_message_and_the_worker_goes_
     (record,) = await dead_records(redis_client)
     assert record["reason"] == "invalid_message"
     assert record["errors"] == ["(root): could not be decoded (RuntimeError)"]
+    assert "boom-1" in record["raw"]
+    await assert_drained(redis_client)
+
+
+async def test_a_crash_in_deciding_an_outcome_dead_letters_the_message_and_the_worker_goes_on(
+    redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decide = outcome.after_attempt
+
+    def after_attempt(claimed: Any, message: dict[str, Any], *args: Any) -> outcome.Outcome:
+        if message["visitorId"].startswith("boom-"):
+            raise RuntimeError("a bug")
+        return decide(claimed, message, *args)
+
+    monkeypatch.setattr(outcome, "after_attempt", after_attempt)
+    await enqueue(redis_url, update("boom-1"), *(update(f"ok-{i}") for i in range(3)))
+    # One consumer: had it died, nothing after boom-1 would be delivered.
+    async with running(fast_settings(redis_url, standin, concurrency=1)) as worker:
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+        await standin.wait_for(lambda api: len(api.delivered) == 4, 5)
+    assert not worker.failed
+    (record,) = await dead_records(redis_client)
+    assert record["reason"] == "invalid_message"
+    assert record["errors"] == ["(root): could not be settled (RuntimeError)"]
     assert "boom-1" in record["raw"]
     await assert_drained(redis_client)
 
