@@ -23,12 +23,15 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.connection
 import redis.exceptions
+import redis.retry
 import redis.sentinel
 from pydantic import SecretStr
 from redis.asyncio.cluster import ClusterNode
+from redis.backoff import NoBackoff
 
 if TYPE_CHECKING:
     from forwarder.settings import Settings
@@ -208,6 +211,7 @@ class _Family:
     sentinel_redis: Any
     cluster: Any
     plain: Any
+    retry: Any
 
 
 _ASYNC = _Family(
@@ -215,8 +219,11 @@ _ASYNC = _Family(
     _AsyncSentinelRedis,
     redis.asyncio.RedisCluster,
     redis.asyncio.Redis,
+    redis.asyncio.retry.Retry,
 )
-_SYNC = _Family(redis.sentinel.Sentinel, _SyncSentinelRedis, redis.RedisCluster, redis.Redis)
+_SYNC = _Family(
+    redis.sentinel.Sentinel, _SyncSentinelRedis, redis.RedisCluster, redis.Redis, redis.retry.Retry
+)
 
 
 def _client(
@@ -245,11 +252,15 @@ def _client(
     if cluster:
         return family.cluster.from_url(url, **_common(password))
     # A master demoted behind the same address (a DNS name, a cloud primary endpoint)
-    # answers READONLY: redis-py then drops that connection and tries on a new one,
-    # which finds the new master once the name points there. (Sentinel and Cluster
-    # clients follow a fail-over themselves.)
+    # answers READONLY: redis-py then drops that connection, as it does one that failed,
+    # so the next finds the new master once the name points there. No retries, as by
+    # default: a hung call would last twice as long. (Sentinel and Cluster clients follow
+    # a fail-over themselves.)
     return family.plain.from_url(
-        url, retry_on_error=[redis.exceptions.ReadOnlyError], **_common(password)
+        url,
+        retry=family.retry(NoBackoff(), 0),
+        retry_on_error=[redis.exceptions.ReadOnlyError],
+        **_common(password),
     )
 
 
