@@ -51,9 +51,24 @@ local function give_back(inflight, dst)
   redis.call('DEL', inflight)
   return n
 end
--- Up to n messages from the queue's consuming end, oldest first.
-local function take(queue, n)
-  return redis.call('RPOP', queue, n) or {}
+-- Up to n messages from the queue's consuming end, oldest first, and no more than fit in
+-- budget bytes (one at least): the rest go back to that end, the oldest rightmost.
+local function take(queue, n, budget)
+  local items = redis.call('RPOP', queue, n) or {}
+  local size = 0
+  for i, raw in ipairs(items) do
+    size = size + #raw
+    if i > 1 and size > budget then
+      local back = {}
+      for j = #items, i, -1 do
+        back[#back + 1] = items[j]
+        items[j] = nil
+      end
+      redis.call('RPUSH', queue, unpack(back))
+      break
+    end
+  end
+  return items
 end
 -- Records claimed messages under claim numbers base + 1, base + 2, ...; returns
 -- {number, message, ...}.
@@ -145,7 +160,8 @@ local function pass_turn(sessions, held_prefix, queue, raw, op, payload, t)
 end
 """
 
-# KEYS: queue, inflight, workers, claims. ARGV: worker id, max count, claim number base.
+# KEYS: queue, inflight, workers, claims. ARGV: worker id, max count, claim number base,
+# most bytes (CLAIM_BYTES).
 # Claiming also refreshes the worker's heartbeat: whoever holds in-flight messages is
 # always registered, so a crash right after a claim is still recovered. Returns
 # {claim number, message, ...}, oldest first.
@@ -159,14 +175,14 @@ if not fresh(KEYS[4], ARGV[1], base) then
   redis.call('ZADD', KEYS[3], now(), ARGV[1])
   return recorded(KEYS[2], base, n)
 end
-local items = take(KEYS[1], n)
+local items = take(KEYS[1], n, tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[3], now(), ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], base + n)
 return record(KEYS[2], base, items)
 """
 )
 
-# The same, in session-ordering mode. KEYS: also sessions. ARGV: also held-list prefix,
+# The same, in session-ordering mode. KEYS: also sessions. ARGV: then held-list prefix,
 # turn timeout. A message whose session's turn is another's goes to the held list.
 _CLAIM_ORDERED = (
     _LIB
@@ -178,17 +194,17 @@ if not fresh(KEYS[4], ARGV[1], base) then
   redis.call('ZADD', KEYS[3], t, ARGV[1])
   return recorded(KEYS[2], base, n)
 end
-local items = take(KEYS[1], n)
+local items = take(KEYS[1], n, tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[3], t, ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], base + n)
-local timeout = tonumber(ARGV[5])
+local timeout = tonumber(ARGV[6])
 local out = {}
 for _, raw in ipairs(items) do
   local key = session_of(raw)
   if not key or holds_turn(KEYS[5], key, raw, t, timeout) then
     out[#out + 1] = raw
   else
-    redis.call('RPUSH', ARGV[4] .. key, raw)
+    redis.call('RPUSH', ARGV[5] .. key, raw)
   end
 end
 return record(KEYS[2], base, out)
@@ -424,6 +440,12 @@ class Keys:
         return self.inflight_prefix + worker_id
 
 
+# Most bytes of messages (as pushed) one claim takes, one message at least: a claim batch
+# of messages near the size cap (256 x 256 kB) would make a worker's memory follow its
+# messages' size rather than stay bounded.
+CLAIM_BYTES = 4 * 1024 * 1024
+
+
 # Not frozen: a frozen dataclass costs five times as much to build, and one is built
 # for every message.
 @dataclass(slots=True)
@@ -496,7 +518,8 @@ class Queue:
         self._turns_cursor = 0
 
     async def claim(self, count: int) -> list[Claimed]:
-        """Take up to ``count`` pending messages, oldest first, without blocking.
+        """Take up to ``count`` pending messages, oldest first, without blocking; fewer
+        where more would pass :data:`CLAIM_BYTES`.
 
         After a failed call the next one repeats it (same numbers, same count), so a
         batch whose reply was lost is handed over then, never left in flight unseen.
@@ -504,7 +527,7 @@ class Queue:
         if self._unanswered is not None:
             count = self._unanswered
         keys = [self.keys.queue, self._inflight, self.keys.workers, self.keys.claims]
-        args: list[str | float] = [self.worker_id, count, self._claimed]
+        args: list[str | float] = [self.worker_id, count, self._claimed, CLAIM_BYTES]
         if self._ordered:
             keys.append(self.keys.sessions)
             args += [self.keys.held_prefix, self._turn_timeout]

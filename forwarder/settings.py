@@ -87,8 +87,8 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         le=1000,
-        description="most messages taken per claim round trip; a worker holds at most "
-        "`FORWARDER_CONCURRENCY` + twice this many",
+        description="most messages taken per claim round trip (and at most 4 MB of them); "
+        "a worker holds at most `FORWARDER_CONCURRENCY` + twice this many",
     )
     ordering: Literal["none", "session"] = Field(
         default="none",

@@ -217,3 +217,17 @@ async def test_a_reaped_workers_claim_record_goes_once_no_late_copy_can_run(
     await w2.heartbeat(10)
     assert await redis_client.zcard(KEYS.reaped) == 0
     assert await redis_client.hkeys(KEYS.claims) == [b"w3"]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_claim_takes_no_more_bytes_than_its_budget_and_at_least_one(
+    redis_client: Redis, monkeypatch: pytest.MonkeyPatch, ordered: bool
+) -> None:
+    monkeypatch.setattr(queue_module, "CLAIM_BYTES", 10)
+    # Oldest first: a (4 bytes), b (4), c (20, over the budget alone), d (2).
+    await redis_client.lpush(KEYS.queue, b"aaaa", b"bbbb", b"c" * 20, b"dd")
+    queue = Queue(redis_client, "forwarder", "w1", ordered=ordered)
+    taken = [[c.raw for c in await queue.claim(10)] for _ in range(3)]
+    assert taken == [[b"aaaa", b"bbbb"], [b"c" * 20], [b"dd"]]
+    assert await redis_client.llen(KEYS.queue) == 0
+    assert await redis_client.hlen(KEYS.inflight("w1")) == 4

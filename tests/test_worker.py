@@ -573,6 +573,28 @@ async def test_claims_ahead_are_bounded_and_given_back_unsent_on_stop(
     assert await redis_client.keys(KEYS.inflight_prefix + "*") == []
 
 
+async def test_claims_ahead_are_bounded_in_bytes_too(
+    redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def hang(received: Received) -> web.StreamResponse | None:
+        await asyncio.sleep(5)
+        return None
+
+    standin.override = hang
+    body = {**BODY, "note": "x" * 10_000}
+    await enqueue(redis_url, *(update(f"ok-{i}", body=body) for i in range(60)))
+    size = len(cast(bytes, await redis_client.lindex(KEYS.queue, 0)))
+    # A claim brings three of these, not the claim batch of 16.
+    monkeypatch.setattr("forwarder.queue.CLAIM_BYTES", 3 * size + 100)
+    settings = fast_settings(redis_url, standin, concurrency=2, claim_batch=16, shutdown_grace=0.2)
+    async with running(settings) as worker:
+        inflight = KEYS.inflight(worker.id)
+        await wait_until(lambda: _hlen(redis_client, inflight, 3), 5, "3 in flight")
+        await asyncio.sleep(0.3)
+        assert await redis_client.hlen(inflight) <= 2 + 2 * 3
+    assert await redis_client.llen(KEYS.queue) == 60
+
+
 async def _dead_count(redis: Redis, n: int) -> bool:
     return int(await redis.llen(KEYS.dead)) >= n
 
