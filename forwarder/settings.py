@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     )
     domain_api_url: str = Field(
         default="https://api.liveperson.net",
-        description="LivePerson Domain API, for the `msdkgw` host of each account",
+        description="LivePerson Domain API, for the `msdkgw` host of each account; an "
+        "absolute `http(s)` URL without credentials",
     )
     domain_cache_ttl: float = Field(
         default=3600.0, gt=0, description="seconds a looked-up host is cached per account"
@@ -187,7 +188,7 @@ class Settings(BaseSettings):
         # An env file or a Secret often carries the variable with nothing in it.
         return None if value == "" else value
 
-    @field_validator("api_base_url")
+    @field_validator("api_base_url", "domain_api_url")
     @classmethod
     def _absolute_base(cls, value: str | None) -> str | None:
         if value is None:

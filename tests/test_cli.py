@@ -249,15 +249,19 @@ def test_a_breaker_that_could_never_open_is_refused() -> None:
     assert b"breaker_min_calls must be at most breaker_window" in result.stderr
 
 
+@pytest.mark.parametrize("setting", ["api_base_url", "domain_api_url"])
 @pytest.mark.parametrize(
     "base", ["127.0.0.1:8080", "ftp://host", "http://host:port", "http://svc:s3cret@host"]
 )
-def test_an_api_base_url_that_cannot_serve_is_refused_without_echoing_it(base: str) -> None:
-    # Taken as is, each made every PUT fail (retried, then dead-lettered), or logged the
-    # credentials with every breaker event.
-    result = forwarder("worker", FORWARDER_API_BASE_URL=base)
+def test_an_api_url_that_cannot_serve_is_refused_without_echoing_it(
+    setting: str, base: str
+) -> None:
+    # Taken as is, each made every PUT (or domain lookup) fail, retried, then
+    # dead-lettered, or logged the credentials with every breaker event.
+    env: dict[str, Any] = {f"FORWARDER_{setting.upper()}": base}
+    result = forwarder("worker", **env)
     assert result.returncode == 2
-    assert b"api_base_url" in result.stderr
+    assert setting.encode() in result.stderr
     assert b"s3cret" not in result.stderr
 
 
