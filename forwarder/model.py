@@ -25,9 +25,10 @@ LivePerson merges across updates (``personal``, ``ctmrinfo``, ``mrktInfo``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeAlias, Union, cast, get_args
@@ -886,17 +887,26 @@ def _fast_verdict(data: object, raw: bytes | None = None) -> bool | None:
             raw = orjson.dumps(data, option=PASSTHROUGH)
         except orjson.JSONEncodeError:
             return None  # no JSON at all: the models say where
-    if b"null" in raw and not _finite(data):
+    if b"null" in raw and non_finite_at(data) is not None:
         return None  # orjson wrote NaN or Infinity as null
     return _json_verdict(raw)
 
 
-def _finite(data: object) -> bool:
-    try:
-        json.dumps(data, allow_nan=False)
-    except (ValueError, TypeError):
-        return False
-    return True
+def non_finite_at(value: object, path: str = "") -> str | None:
+    """The path (``body.x.0``) of a NaN or infinite float in ``value``, if there is one."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "(root)"
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[object, object]] = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_at(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _json_verdict(raw: bytes) -> bool | None:

@@ -13,7 +13,6 @@ plain ``LPUSH {forwarder}:queue '<message>'``.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,6 +34,7 @@ from forwarder.model import (
     InvalidMessage,
     SessionUpdate,
     UpdateSessionBody,
+    non_finite_at,
     too_large,
     validate_wire,
     wire_form,
@@ -94,7 +94,8 @@ def encode(
     if data.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
         data["id"] = os.urandom(16).hex()
-    if data.get("enqueuedAt") is None:
+    if data.get("enqueuedAt", data.get("enqueued_at")) is None:
+        data.pop("enqueued_at", None)  # the models take it under its Python name too
         data["enqueuedAt"] = time.time() if enqueued_at is None else enqueued_at
     try:
         raw = orjson.dumps(data, option=PASSTHROUGH)
@@ -106,7 +107,7 @@ def encode(
     if checked is not None:
         # The models judged it (a field under its Python name, or a NaN orjson wrote as
         # null, which they take where a field takes any value: impExpanded's).
-        if b"null" in raw and (where := _non_finite_at(data)) is not None:
+        if b"null" in raw and (where := non_finite_at(data)) is not None:
             raise InvalidUpdate([f"{where}: Input should be a finite number"], index)
         # The queue gets wire names.
         raw = orjson.dumps(wire_form(checked))
@@ -136,23 +137,6 @@ def _validate(data: dict[str, Any], index: int, raw: bytes | None) -> SessionUpd
         return validate_wire(data, raw)
     except InvalidMessage as exc:
         raise InvalidUpdate(exc.errors, index) from None
-
-
-def _non_finite_at(value: object, path: str = "") -> str | None:
-    """The path (``body.x.0``) of a NaN or infinite float in ``value``, if there is one."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path or "(root)"
-    if isinstance(value, Mapping):
-        items: Iterable[tuple[object, object]] = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = _non_finite_at(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
 
 
 def encode_many(

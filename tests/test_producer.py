@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 import time
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from types import MappingProxyType
@@ -367,3 +369,39 @@ def test_encode_refuses_infinity_under_a_fields_python_name() -> None:
         encode(update)
 
     assert caught.value.errors == ["body.page_id.float: Input should be a finite number"]
+
+
+class _Kind(enum.Enum):
+    CART = "cart"
+
+
+_ENVELOPE = {"accountId": "1", "visitorId": "v", "sessionId": "s"}
+_SDE = {"type": _Kind.CART, "total": 1.0, "numItems": 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "with_a_null"),
+    [
+        ({"pageId": uuid.UUID(int=7)}, {"pageId": uuid.UUID(int=7), "x": None}),
+        (
+            {"pageId": "p", "engagementAttributes": [_SDE]},
+            {"pageId": "p", "engagementAttributes": [{**_SDE, "currency": None}]},
+        ),
+    ],
+    ids=["uuid_page_id", "enum_type"],
+)
+def test_a_value_orjson_writes_as_json_is_taken_whatever_nulls_sit_beside_it(
+    body: dict[str, Any], with_a_null: dict[str, Any]
+) -> None:
+    # A null sent the check to the models, which refuse a UUID or an Enum for a string.
+    encode({**_ENVELOPE, "body": body})
+    encode({**_ENVELOPE, "body": with_a_null})
+    encode({**_ENVELOPE, "body": body, "lastError": None})
+
+
+def test_enqueued_at_is_taken_under_its_python_name() -> None:
+    update = {"accountId": "1", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
+    _, raw = encode({**update, "enqueued_at": 1764380000.0})
+    assert orjson.loads(raw)["enqueuedAt"] == 1764380000.0
+    _, raw = encode({**update, "enqueued_at": None}, enqueued_at=5.0)
+    assert orjson.loads(raw)["enqueuedAt"] == 5.0
