@@ -28,8 +28,13 @@ from typing import Any, Literal
 import orjson
 
 from forwarder.client import Attempt
-from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
+from forwarder.model import BOOKKEEPING, MAX_MESSAGE_BYTES, DeadReason, iso_utc
 from forwarder.queue import Claimed, Settlement
+
+# How much of an invalid element its dead letter keeps: escaped as JSON it may grow six
+# times, and one of 100 MB would pass Redis' 512 MB cap on a request and stall every
+# settle behind it.
+RAW_KEPT = MAX_MESSAGE_BYTES
 
 # The least a 429's Retry-After makes a message wait: 0, a date already past or a skewed
 # clock would have it sent again at once, on every 429, spending no attempt.
@@ -125,7 +130,7 @@ def parked(
 
 def invalid(claimed: Claimed, errors: list[str]) -> Outcome:
     """Dead-letter a queue element that is not a valid wire message."""
-    record = {
+    record: dict[str, Any] = {
         "id": uuid.uuid4().hex,
         "reason": "invalid_message",
         "status": None,
@@ -133,9 +138,11 @@ def invalid(claimed: Claimed, errors: list[str]) -> Outcome:
         "attempts": 0,
         "deadAt": iso_utc(time.time(), "milliseconds"),
         "message": None,
-        "raw": claimed.raw.decode("utf-8", errors="backslashreplace"),
+        "raw": claimed.raw[:RAW_KEPT].decode("utf-8", errors="backslashreplace"),
         "errors": errors,
     }
+    if len(claimed.raw) > RAW_KEPT:
+        record["rawBytes"] = len(claimed.raw)
     # Only the error paths are logged: the texts may quote the payload.
     fields = {"id": record["id"], "reason": "invalid_message", "errors": len(errors)}
     return Outcome(Settlement("dead", claimed.token, orjson.dumps(record)), "dead_lettered", fields)

@@ -311,6 +311,22 @@ async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
     await assert_drained(redis_client)
 
 
+async def test_an_invalid_elements_dead_letter_keeps_only_its_start(
+    redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Escaped as JSON, a huge element grew past what Redis takes in one request, and
+    # every settle after it was refused in turn.
+    monkeypatch.setattr(outcome, "RAW_KEPT", 40)
+    element = b"\x00" * 100 + b"not json"
+    await redis_client.lpush(KEYS.queue, element)
+    async with running(fast_settings(redis_url, standin)):
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    [record] = await dead_records(redis_client)
+    assert record["raw"] == "\x00" * 40
+    assert record["rawBytes"] == 108
+    await assert_drained(redis_client)
+
+
 async def test_a_crash_in_decoding_dead_letters_the_message_and_the_worker_goes_on(
     redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
