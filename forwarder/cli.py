@@ -18,6 +18,7 @@ from forwarder import dlq, logs, stats
 from forwarder.connections import CLUSTER_UNREACHABLE, sync_redis_client
 from forwarder.model import format_errors, message_json_schema
 from forwarder.ndjson import enqueue_lines
+from forwarder.output import silence_stdout
 from forwarder.queue import Keys
 from forwarder.settings import Settings
 
@@ -94,7 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
-        return func(args, settings)
+        code = func(args, settings)
+        # Written out here, not at exit, where a reader gone meanwhile would be a traceback.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (``forwarder schema | head``): it has what it wanted.
+        silence_stdout()
+        return 0
     except (redis.ConnectionError, redis.TimeoutError, CLUSTER_UNREACHABLE) as exc:  # down
         print(f"forwarder: cannot reach Redis at the configured URL: {exc}", file=sys.stderr)
         return 3

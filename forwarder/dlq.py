@@ -50,8 +50,8 @@ from forwarder.deadletters import (
     or_none,
     tally,
 )
+from forwarder.output import PipeConsole, human_age, silence_stdout
 from forwarder.settings import Settings, parse_duration
-from forwarder.stats import PipeConsole, human_age, silence_stdout
 
 # Seconds between progress lines when stderr is not a terminal.
 PROGRESS_EVERY = 2.0
@@ -172,7 +172,10 @@ def _json_flag() -> argparse.ArgumentParser:
 def _command(run: Run, *, reader_may_stop: bool) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
         try:
-            return asyncio.run(_with_store(run, args, settings))
+            code = asyncio.run(_with_store(run, args, settings))
+            # Written out here, not at exit: a reader gone by then is handled below.
+            sys.stdout.flush()
+            return code
         except KeyboardInterrupt:
             _say("interrupted; each record is either moved whole or where it was")
             return 130

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, cast
@@ -24,6 +23,7 @@ from rich.text import Text
 
 from forwarder.connections import AsyncRedis, raise_if_cancelled, redis_client
 from forwarder.model import iso_utc
+from forwarder.output import PipeConsole, human_age, silence_stdout
 from forwarder.queue import Keys
 from forwarder.settings import Settings
 
@@ -196,21 +196,6 @@ class QueueState:
         return states
 
 
-def human_age(seconds: float | None) -> str:
-    """``0.4s``, ``12s``, ``4m05s``, ``2h03m``, ``3d04h``; ``-`` for none."""
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
-        if whole >= size:
-            return f"{whole // size}{unit}{whole % size // sub_size:02d}{sub}"
-    if whole >= 60:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole}s"
-
-
 def render(snapshot: Snapshot, queue: str, *, ordered: bool = False) -> Group:
     """The snapshot as a heading and two tables: the counts, then the workers.
 
@@ -273,19 +258,6 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--watch", action="store_true", help=f"refresh every {WATCH_INTERVAL:g} s until Ctrl-C"
     )
     stats.set_defaults(func=_cmd_stats)
-
-
-class PipeConsole(Console):
-    """stdout, whose closing (``... | head``) raises BrokenPipeError for the command to
-    judge, as print's does (rich's own handling exits with 1)."""
-
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError
-
-
-def silence_stdout() -> None:
-    """Point a closed stdout at /dev/null, so that the flush at exit cannot fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _cmd_stats(args: argparse.Namespace, settings: Settings) -> int:

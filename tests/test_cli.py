@@ -216,6 +216,22 @@ def test_a_redis_cluster_down_is_said_in_one_line(command: list[str]) -> None:
     assert b"Traceback" not in result.stderr
 
 
+def test_a_schema_whose_reader_left_is_no_traceback() -> None:
+    unread, stdout = os.pipe()
+    os.close(unread)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as from a shell
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "schema"],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    os.close(stdout)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+
+
 def test_enqueue_with_redis_down_says_so() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = forwarder("enqueue", "-", "--redis-url", url, stdin=orjson.dumps(GOOD))

@@ -121,10 +121,14 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
 
 
 def forwarder(
-    *args: str, env: dict[str, str] | None = None, **popen: Any
+    *args: str, env: dict[str, str] | None = None, buffered: bool = False, **popen: Any
 ) -> subprocess.Popen[bytes]:
-    """``python -m forwarder ARGS`` as a child process, with only the given FORWARDER_ vars."""
+    """``python -m forwarder ARGS`` as a child process, with only the given FORWARDER_ vars
+    (``buffered``: stdout block-buffered, as from an operator's shell, whatever
+    PYTHONUNBUFFERED this process has)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    if buffered:
+        clean.pop("PYTHONUNBUFFERED", None)
     return subprocess.Popen(
         [sys.executable, "-m", "forwarder", *args], env={**clean, **(env or {})}, **popen
     )
@@ -518,9 +522,12 @@ def _with_stdout_closed(redis_url: str, *args: str) -> tuple[int, str]:
     its exit code and stderr."""
     unread, stdout = os.pipe()
     os.close(unread)
-    proc = forwarder("dlq", *args, "--redis-url", redis_url, stdout=stdout, stderr=subprocess.PIPE)
+    proc = forwarder(
+        "dlq", *args, "--redis-url", redis_url, buffered=True, stdout=stdout, stderr=subprocess.PIPE
+    )
     os.close(stdout)
     _, err = proc.communicate(timeout=30)
+    assert "Exception ignored" not in err.decode()
     return proc.returncode, err.decode()
 
 
@@ -541,7 +548,15 @@ def test_a_closed_stdout_fails_a_replay_or_an_export_but_not_a_listing(redis_url
     assert (code, queued) == (1, 1)  # the first id could not be printed: stopped there
     assert "replayed 1 of 600" in err
     assert _with_stdout_closed(redis_url, "export", "-")[0] == 1
-    for read_only in (["list"], ["stats"], ["show", "p7"], ["replay", "--dry-run"]):
+    read_only_commands = [
+        ["list"],
+        ["list", "--json"],
+        ["stats"],
+        ["stats", "--json"],
+        ["show", "p7"],
+        ["replay", "--dry-run"],
+    ]
+    for read_only in read_only_commands:
         assert _with_stdout_closed(redis_url, *read_only)[0] == 0, read_only
     assert len(ids_in(redis_url, KEYS.dead)) == 599
 

@@ -15,9 +15,10 @@ import redis
 import redis.asyncio
 
 from forwarder.embedded import RedisServer, free_port
+from forwarder.output import human_age
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys, Queue
-from forwarder.stats import HELD_COUNT_CAP, human_age
+from forwarder.stats import HELD_COUNT_CAP
 
 KEYS = Keys("forwarder")
 
