@@ -278,7 +278,7 @@ async def _replay_cmd(args: argparse.Namespace, store: DeadLetters) -> int:
     if args.dry_run:
         return await _replay_plan(args, store)
     chosen = await _choose(store, args, _replayable)
-    total, replayed = len(chosen.digests), 0
+    total, replayed, taken = len(chosen.digests), 0, 0
     try:
         pacer = _Pacer(args.rate)
         with _progress("replay", total) as advance:
@@ -288,11 +288,13 @@ async def _replay_cmd(args: argparse.Namespace, store: DeadLetters) -> int:
                     if message is not None and await store.replay(record, message):
                         replayed += 1
                         print(record.id, flush=True)
+                    else:
+                        taken += 1  # read, then taken by someone else before the move
                     advance(1)
                     await pacer.step()
     finally:
         _say(f"replayed {replayed} of {total} to the queue's producer end")
-    _report_gone(chosen.digests)
+    _report_gone(len(chosen.digests) + taken)
     _report_skipped(chosen.skipped)
     return 1 if chosen.skipped else 0
 
@@ -317,9 +319,9 @@ def _report_skipped(ids: list[str]) -> None:
         _say(f"skipped {len(ids)} with no message to replay (invalid_message): {' '.join(ids)}")
 
 
-def _report_gone(digests: set[bytes]) -> None:
-    if digests:
-        _say(f"{len(digests)} chosen records were gone (taken by someone else meanwhile)")
+def _report_gone(count: int) -> None:
+    if count:
+        _say(f"{count} chosen records were gone (taken by someone else meanwhile)")
 
 
 async def _purge(args: argparse.Namespace, store: DeadLetters) -> int:
@@ -338,20 +340,21 @@ async def _purge(args: argparse.Namespace, store: DeadLetters) -> int:
         if answer is None or answer.strip().lower() != "yes":
             _say("nothing purged")
             return 1
-    purged = 0
+    purged, taken = 0, 0
     try:
         with _progress("purge", total) as advance:
             async for page in store.pick(chosen.digests):
                 removed = await store.remove(page)
-                gone = [r for r, was in zip(page, removed, strict=True) if was]
+                deleted = [r for r, was in zip(page, removed, strict=True) if was]
                 # Counted before any id is printed: if stdout fails, the count still holds.
-                purged += len(gone)
+                purged += len(deleted)
+                taken += len(page) - len(deleted)
                 advance(len(page))
-                for record in gone:
+                for record in deleted:
                     print(record.id, flush=True)
     finally:
         _say(f"purged {purged}")
-    _report_gone(chosen.digests)
+    _report_gone(len(chosen.digests) + taken)
     return 0
 
 

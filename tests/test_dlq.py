@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import structlog
 from redis.asyncio import Redis as AsyncRedis
 
 from forwarder.cli import main
-from forwarder.deadletters import DeadLetters, Retention
+from forwarder.deadletters import DeadLetter, DeadLetters, Retention
 from forwarder.embedded import RedisServer, free_port
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -904,3 +904,28 @@ def test_demo_ends_with_the_dead_letter_stats(tmp_path: Path) -> None:
     assert "invalid_message" in tail
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert [line for line in ps.stdout.splitlines() if str(tmp_path) in line] == []
+
+
+@pytest.mark.parametrize("action", [["replay"], ["purge", "--yes"]])
+def test_records_another_operator_takes_after_they_were_read_are_reported_gone(
+    redis_url: str, cli: Any, monkeypatch: pytest.MonkeyPatch, action: list[str]
+) -> None:
+    seed(redis_url, [record(f"r{i}") for i in range(5)])
+    other = redis.Redis.from_url(redis_url)
+    pick = DeadLetters.pick
+
+    async def someone_takes_two_of_each_page(
+        self: DeadLetters, digests: set[bytes]
+    ) -> AsyncIterator[list[DeadLetter]]:
+        async for page in pick(self, digests):
+            for taken in page[:2]:
+                other.lrem(KEYS.dead, -1, taken.raw.decode())
+            yield page
+
+    monkeypatch.setattr(DeadLetters, "pick", someone_takes_two_of_each_page)
+    try:
+        code, out, err = cli("dlq", *action, "--redis-url", redis_url)
+    finally:
+        other.close()
+    assert (code, len(out.split())) == (0, 3)
+    assert "2 chosen records were gone" in err
