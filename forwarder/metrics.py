@@ -19,6 +19,7 @@ import collections
 import contextlib
 import functools
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -39,6 +40,8 @@ from forwarder.settings import Settings
 from forwarder.stats import QueueState, Snapshot
 
 log = structlog.get_logger("forwarder.metrics")
+
+MESSAGE_STATES = ("pending", "delayed", "inflight", "held", "dead")
 
 LAG_LIMIT = 5.0
 LAG_TICK = 0.5
@@ -199,13 +202,17 @@ class Metrics:
         """Set the depth gauges from ``snapshot``; None: Redis did not answer."""
         self.redis_up.set(snapshot is not None)
         if snapshot is None:
+            # Unknown: the last values read would keep alerts quiet (a live worker, an
+            # old queue) for the whole outage.
+            for gauge in (self.busy_sessions, self.oldest_pending, self.live_workers):
+                gauge.set(math.nan)
+            for state in MESSAGE_STATES:
+                self.messages.labels(state).set(math.nan)
             return
-        for state, count in (
-            ("pending", snapshot.pending),
-            ("delayed", snapshot.delayed),
-            ("inflight", snapshot.inflight),
-            ("held", snapshot.held),
-            ("dead", snapshot.dead),
+        for state, count in zip(
+            MESSAGE_STATES,
+            (snapshot.pending, snapshot.delayed, snapshot.inflight, snapshot.held, snapshot.dead),
+            strict=True,
         ):
             self.messages.labels(state).set(count)
         self.busy_sessions.set(snapshot.busy_sessions)

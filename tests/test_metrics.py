@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import socket
 import time
@@ -188,7 +189,12 @@ async def test_readyz_follows_redis_down_and_back(own_redis: RedisServer, standi
         _, body = await get(port, "/readyz")
         assert orjson.loads(body)["reason"] == "redis_unavailable"
         assert (await get(port, "/healthz"))[0] == 200  # the process itself is fine
-        assert value(await scrape(port), "forwarder_redis_up") == 0
+        samples = await scrape(port)
+        assert value(samples, "forwarder_redis_up") == 0
+        # Unknown, not the last values read: those kept the no-live-worker alert quiet.
+        for name in ("forwarder_live_workers", "forwarder_oldest_pending_age_seconds"):
+            assert math.isnan(value(samples, name))
+        assert math.isnan(value(samples, "forwarder_messages", state="pending"))
         await asyncio.to_thread(own_redis.start)
         await wait_until(lambda: _status_is(port, "/readyz", 200), 10, "200 once Redis is back")
 
