@@ -122,7 +122,10 @@ _TURNS = """
 local function session_of(raw)
   local ok, m = pcall(cjson.decode, raw)
   if not ok or type(m) ~= 'table' then return nil end
-  local a, v, s = m.accountId, m.visitorId, m.sessionId
+  -- Under the wire names or, as the models also take them, the Python ones.
+  local a = m.accountId or m.account_id
+  local v = m.visitorId or m.visitor_id
+  local s = m.sessionId or m.session_id
   if type(a) ~= 'string' or type(v) ~= 'string' or type(s) ~= 'string' then return nil end
   return a .. '\\n' .. v .. '\\n' .. s
 end

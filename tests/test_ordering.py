@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -158,6 +159,19 @@ async def test_a_turn_whose_holder_was_lost_is_taken_over_without_a_new_update(
         await standin.wait_for(lambda api: len(api.delivered) == 2, 10)
     assert [r.body["pageId"] for r in standin.requests] == ["1", "2"]
     await assert_no_turns_left(redis_client)
+
+
+async def test_an_update_under_the_python_names_takes_its_sessions_turn(
+    redis_client: Redis,
+) -> None:
+    # The models take account_id, visitor_id and session_id; the turn must know them too.
+    first = {"account_id": "1", "visitor_id": "v", "session_id": "s", "body": {"pageId": "1"}}
+    second = {"accountId": "1", "visitorId": "v", "sessionId": "s", "body": {"pageId": "2"}}
+    await redis_client.lpush(KEYS.queue, orjson.dumps(first), orjson.dumps(second))
+    queue = Queue(redis_client, "forwarder", "w1", ordered=True)
+    [claimed] = await queue.claim(10)
+    assert orjson.loads(claimed.raw) == first
+    assert await redis_client.llen(KEYS.held_prefix + "1\nv\ns") == 1
 
 
 async def test_without_ordering_a_retry_lets_later_updates_pass(
