@@ -24,6 +24,7 @@ LivePerson merges across updates (``personal``, ``ctmrinfo``, ``mrktInfo``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -859,6 +860,11 @@ PASSTHROUGH = (
 
 
 def _has_python_names(raw: bytes) -> bool:
+    if _BACKSLASH in raw:
+        # A key may spell its underscore as an escape (page\u005fid): look at the keys
+        # as orjson writes them, literally.
+        with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
+            raw = orjson.dumps(orjson.loads(raw))
     # Most messages have no underscore at all: one scan in C rules them out.
     return _UNDERSCORE in raw and not _PYTHON_NAMES.isdisjoint(_SNAKE_KEY.findall(raw))
 
@@ -915,6 +921,8 @@ def _json_verdict(raw: bytes) -> bool | None:
         decoded = _VERDICT.decode(raw)
     except msgspec.ValidationError:
         return False
+    except RecursionError:  # nested deeper than msgspec reads (the models read on)
+        return None
     return None if decoded is None else True
 
 
@@ -1010,7 +1018,7 @@ def _envelope(raw: bytes) -> Any:
     where msgspec cannot judge it or refuses it (the slow path then says why)."""
     try:
         return _ENVELOPE.decode(raw)
-    except msgspec.DecodeError:  # ValidationError too
+    except (msgspec.DecodeError, RecursionError):  # ValidationError too
         return None
 
 

@@ -939,3 +939,40 @@ def test_a_counter_the_forwarder_could_not_write_back_is_refused(field: str) -> 
         raw = orjson.dumps(message)[:-1] + f',"{field}":{value}}}'.encode()
         with pytest.raises(InvalidMessage):
             decode(raw, MAX_MESSAGE_BYTES)
+
+
+def _in_envelope(body: str) -> str:
+    return '{"accountId":"123","visitorId":"v","sessionId":"s","body":' + body + "}"
+
+
+def _models_say(raw: bytes) -> list[str] | None:
+    return model_errors(orjson.loads(raw))
+
+
+def _worker_says(raw: bytes) -> list[str] | None:
+    try:
+        decode(raw, MAX_MESSAGE_BYTES)
+    except InvalidMessage as exc:
+        return exc.errors
+    return None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _in_envelope('{"page\\u005fid":"p"}'),  # the models take it
+        '{"account\\u005fid":"123","visitorId":"v","sessionId":"s","body":{"pageId":"p"}}',
+        # The models refuse it (a Python name is no unknown field of an impression).
+        _in_envelope('{"pageId":"p","impAttributes":[{"type":"impDisplay","e\\u005fcontext":5}]}'),
+    ],
+    ids=["body_page_id", "envelope_account_id", "impression_e_context"],
+)
+def test_a_python_name_spelt_with_an_escape_gets_the_models_verdict(raw: str) -> None:
+    assert _worker_says(raw.encode()) == _models_say(raw.encode())
+
+
+def test_a_message_nested_deeper_than_msgspec_reads_is_refused_cleanly() -> None:
+    deep = "[" * 1000 + "]" * 1000
+    body = '{"pageId":"p","impAttributes":[{"type":"impExpanded","expanded":' + deep + "}]}"
+    # Python's own parser (the duplicate-key check) stops there: refused, not a crash.
+    assert _worker_says(_in_envelope(body).encode()) == ["(root): not valid JSON (RecursionError)"]
