@@ -60,9 +60,9 @@ log = structlog.get_logger("forwarder.worker")
 
 # Outages and fail-overs (Sentinel's MasterNotFoundError is a ConnectionError; a master
 # demoted behind the same address answers READONLY; a cluster mid-failover answers
-# CLUSTERDOWN or TRYAGAIN): retried, never fatal. So is a
-# Redis out of memory (noeviction): it refuses the writes that may grow it, but claims,
-# settles and promotions free memory first and still run, so the fleet drains it.
+# CLUSTERDOWN or TRYAGAIN, or its layout cannot be learnt): retried, never fatal. So is
+# a Redis out of memory (noeviction): it refuses the writes that may grow it, but
+# claims, settles and promotions free memory first and still run, so the fleet drains it.
 REDIS_DOWN = (
     RedisConnectionError,
     RedisTimeoutError,
