@@ -851,6 +851,8 @@ _PYTHON_NAMES = frozenset(
     name.encode() for name in _python_names(SessionUpdate) | _python_names(_BodyModel)
 )
 _SNAKE_KEY = re.compile(rb'"([a-z][a-z0-9]*_[a-z0-9_]*)"\s*:')
+# An escape of a digit, a letter or an underscore (U+0030 to U+007F).
+_ASCII_ESCAPE = re.compile(rb"\\u00[3-7][0-9a-fA-F]")
 # Python values with no JSON form of their own stop orjson, for the models to name.
 PASSTHROUGH = (
     orjson.OPT_PASSTHROUGH_DATACLASS
@@ -860,9 +862,10 @@ PASSTHROUGH = (
 
 
 def _has_python_names(raw: bytes) -> bool:
-    if _BACKSLASH in raw:
-        # A key may spell its underscore as an escape (page\u005fid): look at the keys
-        # as orjson writes them, literally.
+    if _BACKSLASH in raw and _ASCII_ESCAPE.search(raw):
+        # A key may spell a character of a Python name as an escape (page\u005fid): look
+        # at the keys as orjson writes them, literally. (Other escapes, a quote or a
+        # non-ASCII character, cannot spell one: no round trip for them.)
         with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
             raw = orjson.dumps(orjson.loads(raw))
     # Most messages have no underscore at all: one scan in C rules them out.
