@@ -15,7 +15,7 @@ import redis
 from pydantic import ValidationError
 
 from forwarder import dlq, logs, stats
-from forwarder.connections import CLUSTER_UNREACHABLE, sync_redis_client
+from forwarder.connections import CLUSTER_UNREACHABLE, cluster_mode_disabled, sync_redis_client
 from forwarder.model import format_errors, message_json_schema
 from forwarder.ndjson import enqueue_lines
 from forwarder.output import silence_stdout
@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         silence_stdout()
         return 0
     except (redis.ConnectionError, redis.TimeoutError, CLUSTER_UNREACHABLE) as exc:  # down
+        if cluster_mode_disabled(exc):
+            print(f"forwarder: FORWARDER_REDIS_CLUSTER is set, but: {exc}", file=sys.stderr)
+            return 2
         print(f"forwarder: cannot reach Redis at the configured URL: {exc}", file=sys.stderr)
         return 3
     except redis.RedisError as exc:

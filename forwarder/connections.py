@@ -43,6 +43,7 @@ __all__ = [
     "SyncRedis",
     "async_client",
     "check_redis_url",
+    "cluster_mode_disabled",
     "eviction_policy",
     "parse_sentinel_url",
     "redis_client",
@@ -54,6 +55,14 @@ __all__ = [
 # slot no master serves, nodes that disagree mid-resharding) it raises this, which is no
 # RedisError: for us an outage, as a ConnectionError is.
 CLUSTER_UNREACHABLE = redis.exceptions.RedisClusterException
+
+
+def cluster_mode_disabled(exc: BaseException) -> bool:
+    """Whether ``exc`` says the cluster's node is no cluster node: a misconfiguration
+    (``FORWARDER_REDIS_CLUSTER`` against a lone Redis), never an outage to wait out."""
+    # redis-py has no class of its own for it.
+    return isinstance(exc, CLUSTER_UNREACHABLE) and "Cluster mode is not enabled" in str(exc)
+
 
 AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
 SyncRedis: TypeAlias = redis.Redis | redis.RedisCluster

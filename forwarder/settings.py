@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         # An env file or a Secret often carries the variable with nothing in it.
         return None if value == "" else value
 
+    @field_validator("domain_api_url", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # As an empty optional setting means unset (an env file or a Secret often
+        # carries the variable with nothing in it).
+        return cls.model_fields["domain_api_url"].default if value == "" else value
+
     @field_validator("api_base_url", "domain_api_url")
     @classmethod
     def _absolute_base(cls, value: str | None) -> str | None:

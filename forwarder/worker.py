@@ -44,6 +44,7 @@ from forwarder.connections import (
     CLUSTER_UNREACHABLE,
     EVICTING_POLICIES,
     AsyncRedis,
+    cluster_mode_disabled,
     eviction_policy,
     raise_if_cancelled,
     redis_client,
@@ -554,6 +555,8 @@ def _redis_down(during: str, exc: BaseException) -> None:
     # The error may be a cancellation in disguise: a stopping worker would otherwise
     # wait on this loop forever.
     raise_if_cancelled()
+    if cluster_mode_disabled(exc):
+        raise exc  # no outage: waiting would hide it
     log.warning("redis_unavailable", during=during, error=type(exc).__name__)
 
 

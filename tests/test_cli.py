@@ -232,6 +232,24 @@ def test_a_schema_whose_reader_left_is_no_traceback() -> None:
     assert (proc.returncode, proc.stderr) == (0, b"")
 
 
+@pytest.mark.parametrize("command", [["worker"], ["stats"], ["enqueue", "-"]])
+def test_the_cluster_flag_against_a_lone_redis_is_a_setting_refused(
+    redis_url: str, command: list[str]
+) -> None:
+    # No outage to wait out: a worker that waited would hide the cause for good.
+    result = forwarder(
+        *command,
+        stdin=orjson.dumps(GOOD),
+        FORWARDER_REDIS_URL=redis_url,
+        FORWARDER_REDIS_CLUSTER="true",
+        FORWARDER_METRICS_PORT="0",
+    )
+    assert result.returncode == 2
+    assert b"FORWARDER_REDIS_CLUSTER is set, but:" in result.stderr
+    assert b"Cluster mode is not enabled on this node" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
 def test_enqueue_with_redis_down_says_so() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = forwarder("enqueue", "-", "--redis-url", url, stdin=orjson.dumps(GOOD))
@@ -297,6 +315,11 @@ def test_an_api_url_that_cannot_serve_is_refused_without_echoing_it(
 def test_settings_that_would_lose_or_reorder_messages_are_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         Settings(**values)
+
+
+def test_an_empty_domain_api_url_means_its_default() -> None:
+    default = Settings.model_fields["domain_api_url"].default
+    assert Settings(domain_api_url="", metrics_port=0).domain_api_url == default
 
 
 def test_an_empty_api_base_url_means_domain_lookups() -> None:
