@@ -32,6 +32,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -64,16 +65,16 @@ log = structlog.get_logger("forwarder.worker")
 # CLUSTERDOWN or TRYAGAIN, or its layout cannot be learnt): retried, never fatal. So is
 # a Redis out of memory (noeviction): it refuses the writes that may grow it, but
 # claims, settles and promotions free memory first and still run, so the fleet drains it.
+# And so is BUSY, while another client's script runs past busy-reply-threshold: Redis
+# refuses every call until it ends. What else these catch, _redis_down raises again.
 REDIS_DOWN = (
     RedisConnectionError,
     RedisTimeoutError,
-    ReadOnlyError,
-    ClusterDownError,
-    TryAgainError,
+    ResponseError,
     CLUSTER_UNREACHABLE,
-    OutOfMemoryError,
     OSError,
 )
+_OUTAGE_REPLIES = (ReadOnlyError, ClusterDownError, TryAgainError, OutOfMemoryError)
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
 SETTLE_BATCH = 500
@@ -555,9 +556,15 @@ def _redis_down(during: str, exc: BaseException) -> None:
     # The error may be a cancellation in disguise: a stopping worker would otherwise
     # wait on this loop forever.
     raise_if_cancelled()
-    if cluster_mode_disabled(exc):
-        raise exc  # no outage: waiting would hide it
+    if not _outage(exc):
+        raise exc  # a refusal (WRONGTYPE, a misconfigured cluster): waiting would hide it
     log.warning("redis_unavailable", during=during, error=type(exc).__name__)
+
+
+def _outage(exc: BaseException) -> bool:
+    if isinstance(exc, ResponseError) and not isinstance(exc, _OUTAGE_REPLIES):
+        return str(exc).startswith("BUSY")  # redis-py has no class for it
+    return not cluster_mode_disabled(exc)
 
 
 class _Backoff:

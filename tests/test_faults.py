@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
@@ -481,3 +482,30 @@ async def test_a_master_demoted_to_a_replica_is_an_outage_not_a_crash(
 
 async def _connections_received(redis: Redis) -> int:
     return int((await redis.info("stats"))["total_connections_received"])
+
+
+async def test_another_clients_long_script_is_an_outage_not_a_crash(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    # Past busy-reply-threshold Redis answers BUSY to every other call until the script
+    # ends: a plain ResponseError, which stopped the worker.
+    args = ["--busy-reply-threshold", "100"]
+    with RedisServer(tmp_path / "busy", extra_args=args) as server:
+        script = "local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < 2 do end"
+        async with running(fast_settings(server.url, standin)) as worker:
+            await asyncio.sleep(0.3)
+            busy = asyncio.create_task(asyncio.to_thread(_run_script, server.url, script))
+            await asyncio.sleep(1.5)
+            assert not worker.stopping
+            await busy
+            await enqueue(server.url, ["ok-after"])
+            await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+        assert not worker.failed
+
+
+def _run_script(url: str, script: str) -> None:
+    client = SyncRedis.from_url(url)
+    try:
+        client.eval(script, 0)
+    finally:
+        client.close()
