@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import structlog
 from forwarder import logs
 from forwarder.connections import AsyncRedis, redis_client
 from forwarder.dlq import print_stats
-from forwarder.embedded import RedisServer, redis_answers
+from forwarder.embedded import RedisServer, ServerNotFound, redis_answers
 from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.settings import Settings
@@ -169,9 +169,29 @@ def run(settings: Settings, *, count: int, queue: str | None = None) -> int:
     # Never drain a real queue into the stand-in: FORWARDER_QUEUE, which a worker's
     # environment sets, is not the demo's; only a queue named on its command line is.
     settings = settings.model_copy(update={"queue": queue or DEMO_QUEUE})
-    with open(DATA_DIR / "worker.log", "w") as log_file:
+    with open(DATA_DIR / "worker.log", "w") as log_file, _stops_as_ctrl_c():
         logs.configure(settings.log_level, "json", stream=log_file)
-        return asyncio.run(_demo(settings, updates))
+        try:
+            return asyncio.run(_demo(settings, updates))
+        except ServerNotFound as exc:
+            # The URL is not shown: it may carry a password.
+            print(f"forwarder: no Redis answers at the configured URL, and {exc}", file=sys.stderr)
+            return 3
+
+
+# A kill or a closed terminal stops the demo as Ctrl-C does: by default they would end
+# the process at once, leaving its private Redis running.
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stops_as_ctrl_c() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOPS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def _demo(settings: Settings, updates: list[dict[str, Any]]) -> int:
@@ -252,7 +272,8 @@ async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
     """Run a worker until every message is delivered or dead; False on Ctrl-C."""
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    for sig in _STOPS:
+        loop.add_signal_handler(sig, interrupted.set)
     redis = redis_client(settings)
     keys = Keys(settings.queue)
     shown: dict[str, int] = {}
@@ -269,7 +290,9 @@ async def _run_worker(settings: Settings, api: StandIn, enqueued: int) -> bool:
                     await asyncio.wait_for(interrupted.wait(), 0.25)
             print(file=sys.stdout)
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        for sig in _STOPS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.default_int_handler)  # not back to the default kill
         await redis.aclose()
     return not interrupted.is_set()
 

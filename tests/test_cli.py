@@ -17,6 +17,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+from forwarder import demo, embedded, logs
 from forwarder.demo import samples
 from forwarder.embedded import RedisServer, free_port
 from forwarder.model import SessionUpdate
@@ -380,7 +381,29 @@ def test_demo_leaves_a_real_queue_alone(tmp_path: Path, redis_url: str) -> None:
     client.close()
 
 
-def test_demo_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
+def test_a_demo_with_no_redis_to_reach_or_start_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_binary() -> str:
+        raise embedded.ServerNotFound("no Redis server binary found: install redis-server")
+
+    monkeypatch.setattr(embedded, "find_server_binary", no_binary)
+    # In this process: the demo's log set-up (a file it closes) must not outlive it.
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", metrics_port=0)
+    assert demo.run(settings, count=5) == 3
+    assert capsys.readouterr().err == (
+        "forwarder: no Redis answers at the configured URL, and no Redis server binary "
+        "found: install redis-server\n"
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("when", [b"redis:", b"delivered"])
+def test_a_stopped_demo_leaves_nothing_running(tmp_path: Path, sig: int, when: bytes) -> None:
+    # A kill or a closed terminal left the demo's private Redis running, and the next
+    # run started a second server on the same files.
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
     clean["FORWARDER_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
     proc = subprocess.Popen(
@@ -391,12 +414,13 @@ def test_demo_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None
-    for line in proc.stdout:  # wait until the worker is running
-        if line.startswith(b"delivered"):
+    for line in proc.stdout:  # wait until the private Redis, or the worker, is running
+        if line.startswith(when):
             break
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert b"stopped early" in out
+    if when == b"delivered":
+        assert b"stopped early" in out
     assert _leftover_servers(tmp_path / ".forwarder-demo") == []
