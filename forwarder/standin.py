@@ -84,9 +84,16 @@ class StandIn:
     before validation and the prefix rules.
     """
 
-    def __init__(self, *, domain_fail_accounts: Iterable[str] = ()) -> None:
-        """Build the application; call :meth:`start` (or ``async with``) to serve it."""
+    def __init__(
+        self, *, domain_fail_accounts: Iterable[str] = (), keep: int | None = None
+    ) -> None:
+        """Build the application; call :meth:`start` (or ``async with``) to serve it.
+
+        ``keep``: remember only about the last this many calls (and flaky visitors), for
+        a long-running stand-in; by default every one, as tests and the demo need.
+        """
         self.requests: list[Received] = []
+        self._keep = keep
         self.counts: collections.Counter[int] = collections.Counter()
         self.override: Override | None = None
         self.domain_fail_accounts: set[str] = set(domain_fail_accounts)
@@ -195,6 +202,8 @@ class StandIn:
         status = DROPPED if response is None else response.status
         self.requests.append(replace(received, status=status))
         self.counts[status] += 1
+        if self._keep is not None and len(self.requests) > 2 * self._keep:
+            del self.requests[: -self._keep]  # a slice at a time: O(1) a call, amortized
         self._changed.set()
         if response is None:
             # Closing the transport before returning makes aiohttp's write a
@@ -240,6 +249,8 @@ class StandIn:
         if self._flaky_served[key] >= failures:
             return web.Response()
         self._flaky_served[key] += 1
+        if self._keep is not None and len(self._flaky_served) > self._keep:
+            del self._flaky_served[next(iter(self._flaky_served))]  # the oldest seen
         return error_response(503, 20, "Loading account")
 
     async def _domain(self, request: web.Request) -> web.Response:
@@ -315,9 +326,13 @@ def _authority(request: web.Request) -> str:
     return f"{host}:{port}"
 
 
+STAGING_KEEP = 10_000
+
+
 async def serve(host: str, port: int) -> None:
     """Run the stand-in API on ``host:port`` until cancelled (``forwarder standin-api``)."""
-    standin = StandIn()
+    # Long-running (staging): what it remembers must not grow with every call.
+    standin = StandIn(keep=STAGING_KEEP)
     await standin.start(host, port)
     try:
         real_port = int(standin.base_url.rsplit(":", 1)[1])

@@ -245,3 +245,16 @@ async def test_restart_on_same_port(http: aiohttp.ClientSession) -> None:
         assert (await put(http, api, "ok-1"))[0] == 200
     finally:
         await api.stop()
+
+
+async def test_a_long_running_stand_in_remembers_a_bounded_number_of_calls(
+    http: aiohttp.ClientSession,
+) -> None:
+    # forwarder standin-api serves staging for days: every call kept grew it without end.
+    async with StandIn(keep=5) as standin:
+        for i in range(30):
+            await put(http, standin, f"flaky1-{i}")
+        assert sum(standin.counts.values()) == 30
+        assert 5 <= len(standin.requests) <= 10
+        assert standin.requests[-1].visitor_id == "flaky1-29"
+        assert len(standin._flaky_served) <= 5
