@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from forwarder.connections import check_redis_url, has_address
@@ -182,18 +182,14 @@ class Settings(BaseSettings):
             value = parse_duration(value) if value.strip() else None
         return None if value == 0 else value
 
-    @field_validator("redis_password", "redis_sentinel_password", "api_base_url", mode="before")
+    @field_validator(
+        "redis_password", "redis_sentinel_password", "api_base_url", "domain_api_url", mode="before"
+    )
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        # An env file or a Secret often carries the variable with nothing in it.
-        return None if value == "" else value
-
-    @field_validator("domain_api_url", mode="before")
-    @classmethod
-    def _empty_is_default(cls, value: object) -> object:
-        # As an empty optional setting means unset (an env file or a Secret often
-        # carries the variable with nothing in it).
-        return cls.model_fields["domain_api_url"].default if value == "" else value
+    def _empty_is_default(cls, value: object, info: ValidationInfo) -> object:
+        # An env file or a Secret often carries the variable with nothing in it: unset
+        # (None) where that is the default.
+        return cls.model_fields[cast(str, info.field_name)].default if value == "" else value
 
     @field_validator("api_base_url", "domain_api_url")
     @classmethod
