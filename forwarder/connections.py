@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLUSTER_UNREACHABLE",
+    "REDIS_FAILURES",
     "AsyncRedis",
     "SentinelTarget",
     "SyncRedis",
@@ -55,6 +56,8 @@ __all__ = [
 # slot no master serves, nodes that disagree mid-resharding) it raises this, which is no
 # RedisError: for us an outage, as a ConnectionError is.
 CLUSTER_UNREACHABLE = redis.exceptions.RedisClusterException
+# Any failed Redis call: Redis' refusals and lost connections, and the cluster client's.
+REDIS_FAILURES = (redis.exceptions.RedisError, CLUSTER_UNREACHABLE)
 
 
 def cluster_mode_disabled(exc: BaseException) -> bool:

@@ -31,9 +31,8 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from redis.exceptions import RedisError
 
-from forwarder.connections import CLUSTER_UNREACHABLE, AsyncRedis, ping
+from forwarder.connections import REDIS_FAILURES, AsyncRedis, ping
 from forwarder.deadletters import REASONS, Dropped
 from forwarder.outcome import Outcome
 from forwarder.settings import Settings
@@ -345,7 +344,7 @@ class Listener:
             try:
                 async with asyncio.timeout(READY_TIMEOUT):
                     snapshot: Snapshot | None = await self._state.read()
-            except (RedisError, CLUSTER_UNREACHABLE, OSError, TimeoutError):
+            except (*REDIS_FAILURES, OSError, TimeoutError):
                 snapshot = None
             self.metrics.observe_state(snapshot)
             self._state_read_at = time.monotonic()
@@ -360,7 +359,7 @@ class Listener:
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await ping(self.redis, self._state.keys.queue)
-        except (RedisError, CLUSTER_UNREACHABLE, OSError, TimeoutError) as exc:
+        except (*REDIS_FAILURES, OSError, TimeoutError) as exc:
             return _status(False, reason="redis_unavailable", error=type(exc).__name__)
         return _status(True)
 

@@ -20,9 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from forwarder.connections import CLUSTER_UNREACHABLE, SyncRedis
+from forwarder.connections import REDIS_FAILURES, SyncRedis
 from forwarder.model import InvalidMessage, parse_object
 from forwarder.producer import InvalidUpdate, encode
 
@@ -60,7 +58,7 @@ def enqueue_lines(fd: int, client: SyncRedis, key: str, max_bytes: int) -> Repor
                     sender.flush()
             # Read and checked: sent, also when stopped (SIGTERM, Ctrl-C) while reading.
             sender.flush()
-        except (redis.RedisError, CLUSTER_UNREACHABLE):
+        except REDIS_FAILURES:
             print(f"stopped after line {number}: any later lines were not read", file=sys.stderr)
             raise
         finally:
@@ -102,7 +100,7 @@ class _Sender:
             return
         try:
             results = self._pipe.execute(raise_on_error=False)
-        except (redis.RedisError, CLUSTER_UNREACHABLE):
+        except REDIS_FAILURES:
             # No answer (connection lost, timed out): some of these may have landed.
             first, last = queued[0][0], queued[-1][1]
             print(f"lines {first}-{last}: not known to be enqueued", file=sys.stderr)

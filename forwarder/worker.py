@@ -31,7 +31,6 @@ from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
-    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -44,6 +43,7 @@ from forwarder.client import Attempt, EngagementClient, Put
 from forwarder.connections import (
     CLUSTER_UNREACHABLE,
     EVICTING_POLICIES,
+    REDIS_FAILURES,
     AsyncRedis,
     cluster_mode_disabled,
     eviction_policy,
@@ -214,7 +214,7 @@ class Worker:
         """Warn if Redis may evict the queue's keys (and so messages) when out of memory."""
         try:
             policy = await eviction_policy(self.queue.redis)
-        except (RedisError, CLUSTER_UNREACHABLE, OSError) as exc:
+        except (*REDIS_FAILURES, OSError) as exc:
             # INFO may be denied (ACLs, managed services) or Redis gone again: not fatal.
             log.debug("redis_policy_unknown", worker=self.id, error=type(exc).__name__)
             return
