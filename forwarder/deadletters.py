@@ -35,7 +35,7 @@ import structlog
 
 from forwarder.connections import AsyncRedis, finishing, raise_if_cancelled
 from forwarder.model import BOOKKEEPING, DeadReason, iso_utc
-from forwarder.queue import Keys
+from forwarder.queue import EXPECT_TYPE, Keys
 from forwarder.settings import Settings
 
 log = structlog.get_logger("forwarder.deadletters")
@@ -48,17 +48,16 @@ TRIM_BUDGET = 1000
 
 # KEYS: dead, queue. ARGV: the record's exact bytes, the message to enqueue.
 # From the tail (count -1): a scan reads from there, so that is the copy it just saw.
-# The queue's type is checked first: a script's writes before a failed one stay done, so
-# an LPUSH refused after the LREM would lose the record.
-_REPLAY = """
-local kind = redis.call('TYPE', KEYS[2]).ok
-if kind ~= 'list' and kind ~= 'none' then
-  return redis.error_reply('WRONGTYPE the queue key holds a ' .. kind .. ', not a list')
-end
+# The queue's type is checked first (see EXPECT_TYPE).
+_REPLAY = (
+    EXPECT_TYPE
+    + """
+expect(KEYS[2], 'list')
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 return 1
 """
+)
 
 # KEYS: dead. ARGV: a record's exact bytes. Returns how many records lie from it to the
 # old end, itself included; 0 if it is gone.

@@ -22,10 +22,24 @@ from forwarder.connections import AsyncRedis
 
 Op = Literal["ack", "retry", "dead"]
 
+# A script's writes before an error stay done: one that takes a message out of a key
+# checks first that the keys it then writes it into hold their own type, or nothing (a
+# name clash, a producer's SET), else that write's WRONGTYPE would lose the message.
+EXPECT_TYPE = """
+local function expect(key, kind)
+  local held = redis.call('TYPE', key).ok
+  if held ~= kind and held ~= 'none' then
+    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. kind})
+  end
+end
+"""
+
 # Shared by the scripts below. A worker's in-flight record is a hash (claim number →
 # message: an ack of many is one HDEL). give_back returns it to the consuming (right)
 # end of the queue, oldest rightmost, so it is taken again in the order first taken.
-_LIB = """
+_LIB = (
+    EXPECT_TYPE
+    + """
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -108,6 +122,7 @@ local function recorded(inflight, base, n)
   return pairs_
 end
 """
+)
 
 # Session ordering (FORWARDER_ORDERING=session). A session (account, visitor, session)
 # has a *turn*: `{q}:sessions` maps its key to the SHA-1 of the one message allowed in
@@ -224,6 +239,10 @@ _SETTLE = (
     + """
 local acks = numbers(ARGV[1])
 local out = {0}
+if #ARGV > 1 then
+  expect(KEYS[2], 'zset')
+  expect(KEYS[3], 'list')
+end
 if #acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(acks)) end
 local t = (#ARGV > 1) and now() or 0
 local retries, dead = {}, {}
@@ -249,6 +268,9 @@ _SETTLE_ORDERED = (
     _LIB
     + _TURNS
     + """
+expect(KEYS[2], 'zset')
+expect(KEYS[3], 'list')
+expect(KEYS[5], 'list')  -- an ack passes the turn on: the next update goes there
 local t = now()
 local out = {0}
 local function settle(op, token, payload, delay)
@@ -280,6 +302,7 @@ _PROMOTE = (
 local t = now()
 local due = redis.call('ZRANGE', KEYS[1], '-inf', t, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
 if #due > 0 then
+  expect(KEYS[2], 'list')
   redis.call('ZREM', KEYS[1], unpack(due))
   redis.call('RPUSH', KEYS[2], unpack(due))
 end
@@ -298,6 +321,7 @@ _TAKE_OVER_TURNS = (
     _LIB
     + _TURNS
     + """
+expect(KEYS[2], 'list')
 local t = now()
 local stale = t - tonumber(ARGV[2])
 local page = redis.call('HSCAN', KEYS[1], ARGV[3], 'COUNT', 1000)
@@ -376,6 +400,7 @@ CLAIM_COPY_LIFETIME = 3600.0
 _GIVE_BACK_STRAYS = (
     _LIB
     + """
+expect(KEYS[2], 'list')
 local entries = {}
 for _, n in ipairs(ARGV) do
   local raw = redis.call('HGET', KEYS[1], n)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from forwarder import queue as queue_module
 from forwarder.producer import Producer, make_update
-from forwarder.queue import Keys, Queue, Settlement
+from forwarder.queue import Keys, Op, Queue, Settlement
 
 KEYS = Keys("forwarder")
 
@@ -231,3 +233,80 @@ async def test_a_claim_takes_no_more_bytes_than_its_budget_and_at_least_one(
     assert taken == [[b"aaaa", b"bbbb"], [b"c" * 20], [b"dd"]]
     assert await redis_client.llen(KEYS.queue) == 0
     assert await redis_client.hlen(KEYS.inflight("w1")) == 4
+
+
+# A script that takes a message out of one key and then writes it into another would lose
+# it if Redis refused the write: its writes before an error stay done. A key of the
+# queue's that holds another type (a name clash, a producer's SET) is refused before
+# anything moves.
+FOREIGN = "not the forwarder's"
+WRONG_QUEUE = f"^WRONGTYPE {re.escape(KEYS.queue)} holds a string, not a list"
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize(("op", "key"), [("retry", KEYS.delayed), ("dead", KEYS.dead)])
+async def test_a_settle_into_a_key_of_another_type_moves_nothing(
+    redis_client: Redis, ordered: bool, op: Op, key: str
+) -> None:
+    await redis_client.lpush(KEYS.queue, b"a", b"b")
+    queue = Queue(redis_client, "forwarder", "w1", ordered=ordered)
+    first, second = await queue.claim(2)
+    await redis_client.set(key, FOREIGN)
+    settlements = [Settlement("ack", first.token), Settlement(op, second.token, b"b2", 1.0)]
+    with pytest.raises(ResponseError, match=f"^WRONGTYPE {re.escape(key)} holds a string"):
+        await queue.settle(settlements)
+    assert await redis_client.hlen(KEYS.inflight("w1")) == 2
+    assert await redis_client.get(key) == FOREIGN.encode()
+
+
+async def test_an_ordered_ack_whose_next_update_cannot_be_queued_moves_nothing(
+    redis_client: Redis,
+) -> None:
+    await Producer(redis_client).enqueue_many(
+        [make_update("1", "v", "s", {"pageId": str(i)}) for i in range(2)]
+    )
+    queue = Queue(redis_client, "forwarder", "w1", ordered=True)
+    [holder] = await queue.claim(10)  # the other waits in the session's held list
+    await redis_client.set(KEYS.queue, FOREIGN)
+    with pytest.raises(ResponseError, match=WRONG_QUEUE):
+        await queue.settle([Settlement("ack", holder.token)])
+    assert await redis_client.hlen(KEYS.inflight("w1")) == 1
+    assert await redis_client.llen(KEYS.held_prefix + "1\nv\ns") == 1
+
+
+async def test_due_retries_stay_delayed_while_the_queue_key_holds_another_type(
+    redis_client: Redis,
+) -> None:
+    await redis_client.zadd(KEYS.delayed, {b"due": 0})
+    await redis_client.set(KEYS.queue, FOREIGN)
+    with pytest.raises(ResponseError, match=WRONG_QUEUE):
+        await Queue(redis_client, "forwarder", "w1").promote()
+    assert await redis_client.zrange(KEYS.delayed, 0, -1) == [b"due"]
+
+
+async def test_strays_stay_in_flight_while_the_queue_key_holds_another_type(
+    redis_client: Redis,
+) -> None:
+    await redis_client.lpush(KEYS.queue, b"a")
+    queue = Queue(redis_client, "forwarder", "w1")
+    [claimed] = await queue.claim(1)
+    queue._held.discard(claimed.token)  # its outcome recorded, then lost by Redis
+    await redis_client.set(KEYS.queue, FOREIGN)
+    with pytest.raises(ResponseError, match=WRONG_QUEUE):
+        await queue.give_back_strays()
+    assert await redis_client.hlen(KEYS.inflight("w1")) == 1
+
+
+async def test_a_turn_cannot_be_taken_over_into_a_queue_key_of_another_type(
+    redis_client: Redis,
+) -> None:
+    await Producer(redis_client).enqueue_many(
+        [make_update("1", "v", "s", {"pageId": str(i)}) for i in range(2)]
+    )
+    ghost = Queue(redis_client, "forwarder", "ghost", ordered=True, turn_timeout=0.1)
+    assert len(await ghost.claim(10)) == 1
+    await asyncio.sleep(0.2)  # the turn is stale now
+    await redis_client.set(KEYS.queue, FOREIGN)
+    with pytest.raises(ResponseError, match=WRONG_QUEUE):
+        await ghost.take_over_turns()
+    assert await redis_client.llen(KEYS.held_prefix + "1\nv\ns") == 1
