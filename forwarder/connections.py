@@ -48,6 +48,7 @@ __all__ = [
     "eviction_policy",
     "parse_sentinel_url",
     "redis_client",
+    "redis_outage",
     "sync_client",
     "sync_redis_client",
 ]
@@ -65,6 +66,37 @@ def cluster_mode_disabled(exc: BaseException) -> bool:
     (``FORWARDER_REDIS_CLUSTER`` against a lone Redis), never an outage to wait out."""
     # redis-py has no class of its own for it.
     return isinstance(exc, CLUSTER_UNREACHABLE) and "Cluster mode is not enabled" in str(exc)
+
+
+# Redis away for a while, rather than refusing what was asked: unreachable or timed out
+# (Sentinel's MasterNotFoundError is a ConnectionError); failing over (a master demoted
+# behind the same address answers READONLY; a cluster answers CLUSTERDOWN, TRYAGAIN, or
+# ASK while a slot moves, or its layout cannot be learnt); out of memory under noeviction,
+# until the workers drain it.
+_OUTAGES = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.OutOfMemoryError,
+    CLUSTER_UNREACHABLE,
+    OSError,
+)
+
+
+def redis_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is an outage, which workers wait out and producers report as
+    ``QueueUnavailable``, rather than a refusal to raise (``WRONGTYPE``, ``NOPERM``,
+    ``FORWARDER_REDIS_CLUSTER`` against a lone Redis)."""
+    if cluster_mode_disabled(exc):
+        return False
+    if isinstance(exc, _OUTAGES):
+        return True
+    # BUSY: another client's script runs past busy-reply-threshold, and Redis refuses
+    # every call until it ends. redis-py has no class for it.
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("BUSY")
 
 
 AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster

@@ -12,6 +12,7 @@ plain ``LPUSH {forwarder}:queue '<message>'``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -19,13 +20,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import orjson
-import redis.exceptions
 
 from forwarder.connections import (
-    CLUSTER_UNREACHABLE,
+    REDIS_FAILURES,
     AsyncRedis,
     SyncRedis,
     async_client,
+    redis_outage,
     sync_client,
 )
 from forwarder.model import (
@@ -47,19 +48,6 @@ Update = SessionUpdate | Mapping[str, Any]
 # gives freed memory back to the kernel and takes it again, page by page: keeping 1,000
 # updates (700 kB) per LPUSH made encoding 40 % slower on the development VM.
 PUSH_BYTES = 64 * 1024
-# Connection errors, timeouts, a fail-over in progress (a read-only replica, a cluster
-# slot moving, a cluster whose layout cannot be learnt), and a Redis out of memory
-# (noeviction) until the workers drain it.
-REDIS_UNAVAILABLE = (
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.AskError,
-    CLUSTER_UNREACHABLE,
-)
 
 
 class QueueUnavailable(ConnectionError):
@@ -68,6 +56,18 @@ class QueueUnavailable(ConnectionError):
     Nothing of the batch is known to be enqueued: an ``LPUSH`` whose reply was lost may
     have landed, so retrying can enqueue it twice (delivery is at least once anyway).
     """
+
+
+@contextlib.contextmanager
+def _taken_or_unavailable() -> Iterator[None]:
+    """Raise an outage (see redis_outage) met while pushing a batch as QueueUnavailable;
+    a refusal (WRONGTYPE, NOPERM) as Redis raised it."""
+    try:
+        yield
+    except REDIS_FAILURES as exc:
+        if not redis_outage(exc):
+            raise
+        raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
 
 
 class InvalidUpdate(ValueError):
@@ -249,15 +249,13 @@ class Producer(_Producer[AsyncRedis]):
         ids: list[str] = []
         chunks = _encoded(updates, ids, self.max_message_bytes)
         head = _head(chunks)
-        try:
+        with _taken_or_unavailable():
             if len(head) > 1:
                 async with async_transaction(self.client, self.key) as send:
                     for chunk in itertools.chain(head, chunks):
                         await send("LPUSH", self.key, *chunk)
             elif head:
                 await self.client.lpush(self.key, *head[0])
-        except REDIS_UNAVAILABLE as exc:
-            raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
         return ids
 
     async def aclose(self) -> None:
@@ -287,15 +285,13 @@ class SyncProducer(_Producer[SyncRedis]):
         ids: list[str] = []
         chunks = _encoded(updates, ids, self.max_message_bytes)
         head = _head(chunks)
-        try:
+        with _taken_or_unavailable():
             if len(head) > 1:
                 with transaction(self.client, self.key) as send:
                     for chunk in itertools.chain(head, chunks):
                         send("LPUSH", self.key, *chunk)
             elif head:
                 self.client.lpush(self.key, *head[0])
-        except REDIS_UNAVAILABLE as exc:
-            raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
         return ids
 
     def close(self) -> None:

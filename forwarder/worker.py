@@ -27,28 +27,19 @@ from typing import Any, TypeVar
 
 import aiohttp
 import structlog
-from redis.exceptions import (
-    ClusterDownError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import OutOfMemoryError
 
 from forwarder import outcome
 from forwarder.breaker import Breakers
 from forwarder.client import Attempt, EngagementClient, Put
 from forwarder.connections import (
-    CLUSTER_UNREACHABLE,
     EVICTING_POLICIES,
     REDIS_FAILURES,
     AsyncRedis,
-    cluster_mode_disabled,
     eviction_policy,
     raise_if_cancelled,
     redis_client,
+    redis_outage,
 )
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
@@ -60,21 +51,9 @@ from forwarder.settings import Settings
 
 log = structlog.get_logger("forwarder.worker")
 
-# Outages and fail-overs (Sentinel's MasterNotFoundError is a ConnectionError; a master
-# demoted behind the same address answers READONLY; a cluster mid-failover answers
-# CLUSTERDOWN or TRYAGAIN, or its layout cannot be learnt): retried, never fatal. So is
-# a Redis out of memory (noeviction): it refuses the writes that may grow it, but
-# claims, settles and promotions free memory first and still run, so the fleet drains it.
-# And so is BUSY, while another client's script runs past busy-reply-threshold: Redis
-# refuses every call until it ends. What else these catch, _redis_down raises again.
-REDIS_DOWN = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ResponseError,
-    CLUSTER_UNREACHABLE,
-    OSError,
-)
-_OUTAGE_REPLIES = (ReadOnlyError, ClusterDownError, TryAgainError, OutOfMemoryError)
+# What a worker's Redis calls may raise: outages (see redis_outage) are waited out, and
+# _redis_down raises the rest again.
+REDIS_DOWN = (*REDIS_FAILURES, OSError)
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
 SETTLE_BATCH = 500
@@ -214,7 +193,7 @@ class Worker:
         """Warn if Redis may evict the queue's keys (and so messages) when out of memory."""
         try:
             policy = await eviction_policy(self.queue.redis)
-        except (*REDIS_FAILURES, OSError) as exc:
+        except REDIS_DOWN as exc:
             # INFO may be denied (ACLs, managed services) or Redis gone again: not fatal.
             log.debug("redis_policy_unknown", worker=self.id, error=type(exc).__name__)
             return
@@ -556,15 +535,9 @@ def _redis_down(during: str, exc: BaseException) -> None:
     # The error may be a cancellation in disguise: a stopping worker would otherwise
     # wait on this loop forever.
     raise_if_cancelled()
-    if not _outage(exc):
+    if not redis_outage(exc):
         raise exc  # a refusal (WRONGTYPE, a misconfigured cluster): waiting would hide it
     log.warning("redis_unavailable", during=during, error=type(exc).__name__)
-
-
-def _outage(exc: BaseException) -> bool:
-    if isinstance(exc, ResponseError) and not isinstance(exc, _OUTAGE_REPLIES):
-        return str(exc).startswith("BUSY")  # redis-py has no class for it
-    return not cluster_mode_disabled(exc)
 
 
 class _Backoff:

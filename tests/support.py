@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from redis import Redis as SyncRedis
+
 from forwarder.producer import Producer, make_update
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
@@ -74,3 +76,17 @@ async def enqueue_visitors(
         await producer.enqueue_many(make_update(account, v, "s", body) for v in visitors)
     finally:
         await producer.aclose()
+
+
+# Past this many ms, Redis answers BUSY to every other client while a script runs.
+BUSY_AFTER = ["--busy-reply-threshold", "100"]
+
+
+def run_busy_script(url: str, seconds: int = 2) -> None:
+    """Run a Lua script that keeps Redis busy for ``seconds`` (blocking: use a thread)."""
+    script = f"local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < {seconds} do end"
+    client = SyncRedis.from_url(url)
+    try:
+        client.eval(script, 0)
+    finally:
+        client.close()

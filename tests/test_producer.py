@@ -10,6 +10,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 from unittest.mock import ANY
@@ -34,6 +35,7 @@ from forwarder.producer import (
     make_update,
 )
 from forwarder.queue import Keys
+from tests.support import BUSY_AFTER, run_busy_script
 
 QUEUE = Keys("forwarder").queue
 BODY: dict[str, Any] = {"pageId": "p1", "engagementAttributes": [{"type": "searchInfo"}]}
@@ -273,6 +275,35 @@ async def test_an_unreachable_redis_is_a_typed_error_not_a_silent_drop() -> None
     sync = SyncProducer.from_url(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(QueueUnavailable):
         sync.enqueue("123", "v", "s", BODY)
+
+
+async def test_redis_busy_with_another_clients_script_is_queue_unavailable(
+    tmp_path: Path,
+) -> None:
+    # Past busy-reply-threshold Redis answers BUSY to every other call until the script
+    # ends: an outage, as the workers take it, not a refusal to raise as it came.
+    with RedisServer(tmp_path / "busy", extra_args=BUSY_AFTER) as server:
+        busy = asyncio.create_task(asyncio.to_thread(run_busy_script, server.url))
+        await asyncio.sleep(0.5)
+        producer = Producer.from_url(server.url)
+        sync = SyncProducer.from_url(server.url)
+        async with _closing(producer, sync):
+            with pytest.raises(QueueUnavailable, match="BUSY"):
+                await producer.enqueue("123", "v", "s", BODY)
+            with pytest.raises(QueueUnavailable, match="BUSY"):
+                sync.enqueue("123", "v", "s", BODY)
+            await busy
+            await producer.enqueue("123", "v", "s", BODY)
+
+
+async def test_the_cluster_flag_against_a_lone_redis_is_no_outage(redis_url: str) -> None:
+    # A setting to fix: QueueUnavailable would have the caller retry for ever.
+    producer = Producer.from_url(redis_url, cluster=True)
+    try:
+        with pytest.raises(redis.exceptions.RedisClusterException, match="Cluster mode"):
+            await producer.enqueue("123", "v", "s", BODY)
+    finally:
+        await producer.aclose()
 
 
 def test_encode_leaves_the_callers_mapping_alone() -> None:
