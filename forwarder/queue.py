@@ -26,10 +26,11 @@ Op = Literal["ack", "retry", "dead"]
 # checks first that the keys it then writes it into hold their own type, or nothing (a
 # name clash, a producer's SET), else that write's WRONGTYPE would lose the message.
 EXPECT_TYPE = """
-local function expect(key, kind)
+-- name: what the error calls the key (a held list's name holds a visitor's ids).
+local function expect(key, kind, name)
   local held = redis.call('TYPE', key).ok
   if held ~= kind and held ~= 'none' then
-    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. kind})
+    error({err = 'WRONGTYPE ' .. (name or key) .. ' holds a ' .. held .. ', not a ' .. kind})
   end
 end
 """
@@ -66,23 +67,29 @@ local function give_back(inflight, dst)
   return n
 end
 -- Up to n messages from the queue's consuming end, oldest first, and no more than fit in
--- budget bytes (one at least): the rest go back to that end, the oldest rightmost.
-local function take(queue, n, budget)
-  local items = redis.call('RPOP', queue, n) or {}
-  local size = 0
-  for i, raw in ipairs(items) do
-    size = size + #raw
-    if i > 1 and size > budget then
-      local back = {}
-      for j = #items, i, -1 do
-        back[#back + 1] = items[j]
-        items[j] = nil
-      end
-      redis.call('RPUSH', queue, unpack(back))
-      break
-    end
+-- budget bytes (one at least). Only read: see take.
+local function peek(queue, n, budget)
+  local tail = redis.call('LRANGE', queue, -n, -1)  -- the oldest last
+  local items, size = {}, 0
+  for i = #tail, 1, -1 do
+    size = size + #tail[i]
+    if #items > 0 and size > budget then break end
+    items[#items + 1] = tail[i]
   end
   return items
+end
+-- Takes what peek returned off the queue. Peeked first and taken once every check has
+-- passed, nothing is ever put back: a put-back could fail after the pop (a slot being
+-- migrated refuses a key the pop emptied), and lose what was popped.
+local function take(queue, items)
+  if #items > 0 then redis.call('LTRIM', queue, 0, -#items - 1) end
+end
+-- The keys a claim writes (KEYS: queue, inflight, workers, claims[, sessions]).
+local function expect_claim_keys(keys)
+  expect(keys[2], 'hash')
+  expect(keys[3], 'zset')
+  expect(keys[4], 'hash')
+  if keys[5] then expect(keys[5], 'hash') end
 end
 -- Records claimed messages under claim numbers base + 1, base + 2, ...; returns
 -- {number, message, ...}.
@@ -183,17 +190,19 @@ end
 # Claiming also refreshes the worker's heartbeat: whoever holds in-flight messages is
 # always registered, so a crash right after a claim is still recovered. Returns
 # {claim number, message, ...}, oldest first.
-# The queue is popped before anything is written: a Redis out of memory (noeviction)
+# The queue is trimmed before anything is written: a Redis out of memory (noeviction)
 # refuses a script whose first write may grow it, and claiming is what frees memory.
 _CLAIM = (
     _LIB
     + """
 local base, n = tonumber(ARGV[3]), tonumber(ARGV[2])
+expect_claim_keys(KEYS)
 if not fresh(KEYS[4], ARGV[1], base) then
   redis.call('ZADD', KEYS[3], now(), ARGV[1])
   return recorded(KEYS[2], base, n)
 end
-local items = take(KEYS[1], n, tonumber(ARGV[4]))
+local items = peek(KEYS[1], n, tonumber(ARGV[4]))
+take(KEYS[1], items)
 redis.call('ZADD', KEYS[3], now(), ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], base + n)
 return record(KEYS[2], base, items)
@@ -208,17 +217,24 @@ _CLAIM_ORDERED = (
     + """
 local t = now()
 local base, n = tonumber(ARGV[3]), tonumber(ARGV[2])
+expect_claim_keys(KEYS)
 if not fresh(KEYS[4], ARGV[1], base) then
   redis.call('ZADD', KEYS[3], t, ARGV[1])
   return recorded(KEYS[2], base, n)
 end
-local items = take(KEYS[1], n, tonumber(ARGV[4]))
+local items = peek(KEYS[1], n, tonumber(ARGV[4]))
+local sessions = {}
+for i, raw in ipairs(items) do
+  sessions[i] = session_of(raw) or false
+  if sessions[i] then expect(ARGV[5] .. sessions[i], 'list', 'a held list') end
+end
+take(KEYS[1], items)
 redis.call('ZADD', KEYS[3], t, ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], base + n)
 local timeout = tonumber(ARGV[6])
 local out = {}
-for _, raw in ipairs(items) do
-  local key = session_of(raw)
+for i, raw in ipairs(items) do
+  local key = sessions[i]
   if not key or holds_turn(KEYS[5], key, raw, t, timeout) then
     out[#out + 1] = raw
   else
@@ -239,11 +255,12 @@ _SETTLE = (
     + """
 local acks = numbers(ARGV[1])
 local out = {0}
+-- Acks first: they write nowhere else, so a refused retry or dead letter cannot undo them.
+if #acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(acks)) end
 if #ARGV > 1 then
   expect(KEYS[2], 'zset')
   expect(KEYS[3], 'list')
 end
-if #acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(acks)) end
 local t = (#ARGV > 1) and now() or 0
 local retries, dead = {}, {}
 for i = 2, #ARGV, 4 do
@@ -268,8 +285,6 @@ _SETTLE_ORDERED = (
     _LIB
     + _TURNS
     + """
-expect(KEYS[2], 'zset')
-expect(KEYS[3], 'list')
 expect(KEYS[5], 'list')  -- an ack passes the turn on: the next update goes there
 local t = now()
 local out = {0}
@@ -286,6 +301,10 @@ local function settle(op, token, payload, delay)
   return 1
 end
 for _, token in ipairs(numbers(ARGV[2])) do out[1] = out[1] + settle('ack', token, '', 0) end
+if #ARGV > 2 then  -- after the acks, as in the unordered settle
+  expect(KEYS[2], 'zset')
+  expect(KEYS[3], 'list')
+end
 for i = 3, #ARGV, 4 do
   out[#out + 1] = settle(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end

@@ -22,10 +22,11 @@ import pytest
 import redis
 import redis.asyncio
 
+from forwarder import queue as queue_module
 from forwarder.connections import sync_client
 from forwarder.embedded import RedisServer, ServerNotFound, find_server_binary, free_port
 from forwarder.metrics import Metrics, listening
-from forwarder.producer import Producer, QueueUnavailable, SyncProducer, make_update
+from forwarder.producer import Producer, QueueUnavailable, SyncProducer, encode, make_update
 from forwarder.queue import Keys, Queue
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
@@ -123,6 +124,24 @@ class Cluster:
                 clients[port].cluster("setslot", slot, "node", ids[to.port])
         finally:
             for client in clients.values():
+                client.close()
+
+    @contextlib.contextmanager
+    def migrating(self, key: str) -> Iterator[RedisServer]:
+        """``key``'s slot half-way through a resharding to another node: its owner
+        MIGRATING, the other IMPORTING (each key moves on its own); stable again after."""
+        source = self.owner(key)
+        to = next(node for node in self.nodes if node is not source)
+        clients = {node.port: redis.Redis(port=node.port) for node in (source, to)}
+        try:
+            slot = int(clients[to.port].cluster("keyslot", key))
+            ids = {port: c.cluster("myid") for port, c in clients.items()}
+            clients[to.port].cluster("setslot", slot, "importing", ids[source.port])
+            clients[source.port].cluster("setslot", slot, "migrating", ids[to.port])
+            yield source
+        finally:
+            for client in clients.values():
+                client.cluster("setslot", slot, "stable")
                 client.close()
 
     def flush(self) -> None:
@@ -487,3 +506,46 @@ async def test_a_whole_cluster_down_is_an_outage_the_worker_rides_out(
             await producer.aclose()
         await standin.wait_for(lambda api: len(api.delivered) == 1, 15)
     assert not worker.failed
+
+
+async def test_a_claim_while_the_queues_slot_migrates_loses_nothing(
+    fresh_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mid-resharding, a script may not create a key on the slot's old owner (Redis
+    # answers "non local key"), and a script's writes before an error stay done: a claim
+    # that popped, then put back what passed its byte budget into the key the pop had
+    # emptied, lost both.
+    monkeypatch.setattr(queue_module, "CLAIM_BYTES", 10)
+    keys = Keys("forwarder")
+    client = _direct(fresh_cluster.owner(keys.queue))
+    try:
+        queue = Queue(client, "forwarder", "w1")
+        await client.lpush(keys.queue, b"a")
+        await queue.claim(1)  # the worker's keys now exist on the owner
+        await client.lpush(keys.queue, b"x" * 8, b"y" * 8)  # over the budget together
+        with fresh_cluster.migrating(keys.queue):
+            assert [c.raw for c in await queue.claim(10)] == [b"x" * 8]
+            assert await client.lrange(keys.queue, 0, -1) == [b"y" * 8]
+    finally:
+        await client.aclose()
+
+
+async def test_an_ordered_claim_while_the_queues_slot_migrates_takes_nothing(
+    fresh_cluster: Cluster,
+) -> None:
+    # The later updates of a session wait in a held list the claim creates: refused
+    # mid-resharding, after the pop, that lost them. Now refused before it.
+    keys = Keys("forwarder")
+    client = _direct(fresh_cluster.owner(keys.queue))
+    try:
+        await client.lpush(
+            keys.queue, *[encode(make_update("1", "v", "s", BODY))[1] for _ in range(3)]
+        )
+        queue = Queue(client, "forwarder", "w1", ordered=True)
+        assert len(await queue.claim(1)) == 1  # takes the session's turn
+        with fresh_cluster.migrating(keys.queue):
+            with pytest.raises(redis.exceptions.ResponseError, match="non local key"):
+                await queue.claim(10)
+            assert await client.llen(keys.queue) == 2
+    finally:
+        await client.aclose()

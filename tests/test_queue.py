@@ -255,7 +255,8 @@ async def test_a_settle_into_a_key_of_another_type_moves_nothing(
     settlements = [Settlement("ack", first.token), Settlement(op, second.token, b"b2", 1.0)]
     with pytest.raises(ResponseError, match=f"^WRONGTYPE {re.escape(key)} holds a string"):
         await queue.settle(settlements)
-    assert await redis_client.hlen(KEYS.inflight("w1")) == 2
+    # The ack is recorded (else every restart would send it again); the other stays.
+    assert await redis_client.hkeys(KEYS.inflight("w1")) == [str(second.token).encode()]
     assert await redis_client.get(key) == FOREIGN.encode()
 
 
@@ -310,3 +311,28 @@ async def test_a_turn_cannot_be_taken_over_into_a_queue_key_of_another_type(
     with pytest.raises(ResponseError, match=WRONG_QUEUE):
         await ghost.take_over_turns()
     assert await redis_client.llen(KEYS.held_prefix + "1\nv\ns") == 1
+
+
+@pytest.mark.parametrize(
+    ("ordered", "key"),
+    [
+        (False, KEYS.inflight("w1")),
+        (False, KEYS.workers),
+        (False, KEYS.claims),
+        (True, KEYS.inflight("w1")),
+        (True, KEYS.sessions),
+        (True, KEYS.held_prefix + "1\nv\ns"),
+    ],
+)
+async def test_a_claim_into_a_key_of_another_type_takes_nothing(
+    redis_client: Redis, ordered: bool, key: str
+) -> None:
+    await Producer(redis_client).enqueue_many(
+        [make_update("1", "v", "s", {"pageId": str(i)}) for i in range(2)]
+    )
+    await redis_client.set(key, FOREIGN)
+    queue = Queue(redis_client, "forwarder", "w1", ordered=ordered)
+    named = "a held list" if key.startswith(KEYS.held_prefix) else key  # not a visitor's ids
+    with pytest.raises(ResponseError, match=f"^WRONGTYPE {re.escape(named)} holds a string"):
+        await queue.claim(10)
+    assert await redis_client.llen(KEYS.queue) == 2
