@@ -15,12 +15,22 @@ import redis
 from pydantic import ValidationError
 
 from forwarder import dlq, logs, stats
-from forwarder.connections import CLUSTER_UNREACHABLE, cluster_mode_disabled, sync_redis_client
+from forwarder.connections import (
+    CLUSTER_UNREACHABLE,
+    REDIS_FAILURES,
+    cluster_mode_disabled,
+    node_answer,
+    setting_refused,
+    sync_redis_client,
+)
 from forwarder.model import format_errors, message_json_schema
 from forwarder.ndjson import enqueue_lines
 from forwarder.output import silence_stdout
 from forwarder.queue import Keys
 from forwarder.settings import Settings
+
+# Redis not there, or not answering in time.
+_DOWN = (redis.ConnectionError, redis.TimeoutError, CLUSTER_UNREACHABLE)
 
 
 def _settings_flags() -> argparse.ArgumentParser:
@@ -103,16 +113,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader stopped reading (``forwarder schema | head``): it has what it wanted.
         silence_stdout()
         return 0
-    except (redis.ConnectionError, redis.TimeoutError, CLUSTER_UNREACHABLE) as exc:  # down
-        if cluster_mode_disabled(exc):
-            print(f"forwarder: FORWARDER_REDIS_CLUSTER is set, but: {exc}", file=sys.stderr)
-            return 2
-        print(f"forwarder: cannot reach Redis at the configured URL: {exc}", file=sys.stderr)
-        return 3
-    except redis.RedisError as exc:
-        # WRONGTYPE, NOPERM, a read-only replica...: Redis' own words (never a value).
-        print(f"forwarder: Redis refused: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except REDIS_FAILURES as exc:
+        code, said = _redis_failed(exc)
+        print(f"forwarder: {said}", file=sys.stderr)
+        return code
+
+
+def _redis_failed(exc: BaseException) -> tuple[int, str]:
+    """The exit code (2: a setting to fix, 3: Redis down, 1: Redis refused the command)
+    and the line that says why, in Redis' own words (never a value)."""
+    if cluster_mode_disabled(exc):
+        return 2, f"FORWARDER_REDIS_CLUSTER is set, but: {exc}"
+    if setting_refused(exc):
+        return 2, f"Redis refused the credentials or the TLS settings: {exc}"
+    # The cluster client raises its own exception from a node's refusal: say the node's.
+    answer = node_answer(exc)
+    if answer is None and isinstance(exc, _DOWN):
+        return 3, f"cannot reach Redis at the configured URL: {exc}"
+    refused = answer or exc  # WRONGTYPE, NOPERM, a read-only replica, a full Redis...
+    return 1, f"Redis refused: {type(refused).__name__}: {refused}"
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,7 +16,8 @@ sentinels that require their own get ``FORWARDER_REDIS_SENTINEL_PASSWORD``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import ssl
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -46,9 +47,11 @@ __all__ = [
     "check_redis_url",
     "cluster_mode_disabled",
     "eviction_policy",
+    "node_answer",
     "parse_sentinel_url",
     "redis_client",
     "redis_outage",
+    "setting_refused",
     "sync_client",
     "sync_redis_client",
 ]
@@ -64,39 +67,90 @@ REDIS_FAILURES = (redis.exceptions.RedisError, CLUSTER_UNREACHABLE)
 def cluster_mode_disabled(exc: BaseException) -> bool:
     """Whether ``exc`` says the cluster's node is no cluster node: a misconfiguration
     (``FORWARDER_REDIS_CLUSTER`` against a lone Redis), never an outage to wait out."""
-    # redis-py has no class of its own for it.
-    return isinstance(exc, CLUSTER_UNREACHABLE) and "Cluster mode is not enabled" in str(exc)
+    if not isinstance(exc, CLUSTER_UNREACHABLE):
+        return False
+    answer = node_answer(exc)
+    if answer is None:  # redis-py has no class of its own for it
+        return "Cluster mode is not enabled" in str(exc)
+    # redis-py says "Cluster mode is not enabled" of any error reply to CLUSTER SLOTS
+    # (BUSY, NOPERM too): the node's own words tell.
+    return "cluster support disabled" in str(answer)
 
 
+def setting_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` says a setting is wrong: the credentials, the server's TLS
+    certificate, or the cluster flag (see :func:`cluster_mode_disabled`). Waiting would
+    not mend it: settings are read at start."""
+    if cluster_mode_disabled(exc):
+        return True
+    return any(isinstance(cause, _SETTINGS_REFUSED) for cause in _causes(exc))
+
+
+# The node's refusal of the credentials (WRONGPASS, NOAUTH, and redis-py's own for an
+# AUTH it may not send), and a certificate TLS could not verify (which redis-py wraps in
+# a ConnectionError): errors of ConnectionError's family that no wait mends.
+_SETTINGS_REFUSED = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    ssl.SSLCertVerificationError,
+)
 # Redis away for a while, rather than refusing what was asked: unreachable or timed out
-# (Sentinel's MasterNotFoundError is a ConnectionError); failing over (a master demoted
-# behind the same address answers READONLY; a cluster answers CLUSTERDOWN, TRYAGAIN, or
-# ASK while a slot moves, or its layout cannot be learnt); out of memory under noeviction,
-# until the workers drain it.
+# (Sentinel's MasterNotFoundError is a ConnectionError), or the cluster client unable to
+# learn the layout (no node answers, a slot no master serves).
 _OUTAGES = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.AskError,
-    redis.exceptions.OutOfMemoryError,
     CLUSTER_UNREACHABLE,
     OSError,
 )
+# Error replies that pass: a fail-over (a master demoted behind the same address answers
+# READONLY; a cluster CLUSTERDOWN or TRYAGAIN), a Redis out of memory under noeviction
+# until the workers drain it.
+_OUTAGE_REPLIES = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,
+)
 
 
-def redis_outage(exc: BaseException) -> bool:
+def redis_outage(exc: BaseException, *, cluster: bool) -> bool:
     """Whether ``exc`` is an outage, which workers wait out and producers report as
-    ``QueueUnavailable``, rather than a refusal to raise (``WRONGTYPE``, ``NOPERM``,
-    ``FORWARDER_REDIS_CLUSTER`` against a lone Redis)."""
-    if cluster_mode_disabled(exc):
+    ``QueueUnavailable``, rather than a refusal to raise (``WRONGTYPE``, ``NOPERM``, a
+    wrong setting). ``cluster``: it came from a cluster client."""
+    if setting_refused(exc):
         return False
-    if isinstance(exc, _OUTAGES):
-        return True
-    # BUSY: another client's script runs past busy-reply-threshold, and Redis refuses
-    # every call until it ends. redis-py has no class for it.
-    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("BUSY")
+    answer = node_answer(exc) or exc
+    if isinstance(answer, redis.exceptions.AskError):  # MOVED too
+        # The cluster client follows redirects, and passes on one whose slot kept moving;
+        # a plain client follows none: it is pointed at a cluster.
+        return cluster
+    if isinstance(answer, redis.exceptions.ResponseError):
+        # BUSY: another client's script runs past busy-reply-threshold, and Redis
+        # refuses every call until it ends. redis-py has no class for it.
+        return isinstance(answer, _OUTAGE_REPLIES) or str(answer).startswith("BUSY")
+    return isinstance(exc, _OUTAGES)
+
+
+def node_answer(exc: BaseException) -> redis.exceptions.ResponseError | None:
+    """The node's error reply behind ``exc``: itself, or where redis-py's cluster client
+    raised its own exception from it."""
+    if not isinstance(exc, CLUSTER_UNREACHABLE):
+        return exc if isinstance(exc, redis.exceptions.ResponseError) else None
+    for cause in _causes(exc):
+        if isinstance(cause, redis.exceptions.ResponseError):
+            return cause
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster

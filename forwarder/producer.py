@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import orjson
+import redis
+import redis.asyncio
 
 from forwarder.connections import (
     REDIS_FAILURES,
@@ -59,13 +61,14 @@ class QueueUnavailable(ConnectionError):
 
 
 @contextlib.contextmanager
-def _taken_or_unavailable() -> Iterator[None]:
+def _taken_or_unavailable(client: AsyncRedis | SyncRedis) -> Iterator[None]:
     """Raise an outage (see redis_outage) met while pushing a batch as QueueUnavailable;
-    a refusal (WRONGTYPE, NOPERM) as Redis raised it."""
+    a refusal (WRONGTYPE, NOPERM, a wrong setting) as Redis raised it."""
     try:
         yield
     except REDIS_FAILURES as exc:
-        if not redis_outage(exc):
+        cluster = isinstance(client, redis.RedisCluster | redis.asyncio.RedisCluster)
+        if not redis_outage(exc, cluster=cluster):
             raise
         raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
 
@@ -249,7 +252,7 @@ class Producer(_Producer[AsyncRedis]):
         ids: list[str] = []
         chunks = _encoded(updates, ids, self.max_message_bytes)
         head = _head(chunks)
-        with _taken_or_unavailable():
+        with _taken_or_unavailable(self.client):
             if len(head) > 1:
                 async with async_transaction(self.client, self.key) as send:
                     for chunk in itertools.chain(head, chunks):
@@ -285,7 +288,7 @@ class SyncProducer(_Producer[SyncRedis]):
         ids: list[str] = []
         chunks = _encoded(updates, ids, self.max_message_bytes)
         head = _head(chunks)
-        with _taken_or_unavailable():
+        with _taken_or_unavailable(self.client):
             if len(head) > 1:
                 with transaction(self.client, self.key) as send:
                     for chunk in itertools.chain(head, chunks):

@@ -52,7 +52,7 @@ from forwarder.settings import Settings
 log = structlog.get_logger("forwarder.worker")
 
 # What a worker's Redis calls may raise: outages (see redis_outage) are waited out, and
-# _redis_down raises the rest again.
+# Worker._redis_down raises the rest again.
 REDIS_DOWN = (*REDIS_FAILURES, OSError)
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
@@ -182,10 +182,10 @@ class Worker:
             except OutOfMemoryError as exc:
                 # A full Redis refuses the heartbeat's write; the first claim that takes
                 # a message, which frees memory before it writes, registers this worker.
-                _redis_down("start", exc)
+                self._redis_down("start", exc)
                 return True
             except REDIS_DOWN as exc:
-                _redis_down("start", exc)
+                self._redis_down("start", exc)
                 await backoff.sleep()
         return False
 
@@ -202,7 +202,9 @@ class Worker:
 
     async def _release(self) -> None:
         try:
-            returned = await asyncio.wait_for(_until_redis(self.queue.release), GIVE_UP_SECONDS)
+            returned = await asyncio.wait_for(
+                self._until_redis(self.queue.release), GIVE_UP_SECONDS
+            )
         except TimeoutError:
             # What it held stays in its in-flight record; a live worker returns it to
             # the queue once this one's heartbeat is older than FORWARDER_WORKER_TIMEOUT.
@@ -236,7 +238,7 @@ class Worker:
                     # Woken by the next message; the next claim takes it.
                     await self.queue.wait(BLOCK_SECONDS)
             except REDIS_DOWN as exc:
-                _redis_down("claim", exc)
+                self._redis_down("claim", exc)
                 await backoff.sleep()
                 continue
             backoff.reset()
@@ -340,7 +342,7 @@ class Worker:
         while True:
             batch = await self._results.take(SETTLE_BATCH, SETTLE_LINGER)
             settle = functools.partial(self.queue.settle, [o.settlement for o in batch])
-            acked, kept = await _until_redis(settle)
+            acked, kept = await self._until_redis(settle)
             self._report(batch, acked, iter(kept))
             self._results.recorded(len(batch))
 
@@ -373,6 +375,24 @@ class Worker:
             # Given back while being delivered: another worker will deliver them again.
             log.warning("acks_orphaned", worker=self.id, count=acks - acked)
 
+    def _redis_down(self, during: str, exc: BaseException) -> None:
+        # The error may be a cancellation in disguise: a stopping worker would otherwise
+        # wait on this loop forever.
+        raise_if_cancelled()
+        if not redis_outage(exc, cluster=self.settings.redis_cluster):
+            raise exc  # a refusal (WRONGTYPE, a wrong setting): waiting would hide it
+        log.warning("redis_unavailable", during=during, error=type(exc).__name__)
+
+    async def _until_redis(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` until Redis answers: an outcome or a release must not be dropped."""
+        backoff = _Backoff()
+        while True:
+            try:
+                return await call()
+            except REDIS_DOWN as exc:
+                self._redis_down("record", exc)
+                await backoff.sleep()
+
     async def _nap(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """Sleep ``seconds``, or less once ``wake`` is set (by default: the worker is
         closing; any other event given must be set at closing too)."""
@@ -390,7 +410,7 @@ class Worker:
                 dropped = await self.retention.enforce()
                 taken_over = await self.queue.take_over_turns() if self.queue.ordered else 0
             except REDIS_DOWN as exc:
-                _redis_down("heartbeat", exc)
+                self._redis_down("heartbeat", exc)
                 continue
             if strays:
                 # Redis lost recorded outcomes (a restart, a fail-over): sent again.
@@ -412,7 +432,7 @@ class Worker:
             try:
                 promoted = await self.queue.promote()
             except REDIS_DOWN as exc:
-                _redis_down("promote", exc)
+                self._redis_down("promote", exc)
                 await self._nap(1.0)
                 continue
             wake = promoted.now + max(horizon, 0.05)
@@ -531,15 +551,6 @@ def _after_crash(job: _Job, attempt: Attempt, policy: outcome.RetryPolicy) -> Ou
         )
 
 
-def _redis_down(during: str, exc: BaseException) -> None:
-    # The error may be a cancellation in disguise: a stopping worker would otherwise
-    # wait on this loop forever.
-    raise_if_cancelled()
-    if not redis_outage(exc):
-        raise exc  # a refusal (WRONGTYPE, a misconfigured cluster): waiting would hide it
-    log.warning("redis_unavailable", during=during, error=type(exc).__name__)
-
-
 class _Backoff:
     """Exponential back-off between Redis reconnection attempts, capped at 5 s."""
 
@@ -552,17 +563,6 @@ class _Backoff:
 
     def reset(self) -> None:
         self.delay = 0.05
-
-
-async def _until_redis(call: Callable[[], Awaitable[T]]) -> T:
-    """Run ``call`` until Redis answers: an outcome or a release must not be dropped."""
-    backoff = _Backoff()
-    while True:
-        try:
-            return await call()
-        except REDIS_DOWN as exc:
-            _redis_down("record", exc)
-            await backoff.sleep()
 
 
 def tune_gc() -> None:

@@ -90,3 +90,19 @@ def run_busy_script(url: str, seconds: int = 2) -> None:
         client.eval(script, 0)
     finally:
         client.close()
+
+
+def forwarder(
+    *args: str, stdin: bytes = b"", cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m forwarder ARGS`` run to its end, with only the FORWARDER_ settings given."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args],
+        input=stdin,
+        capture_output=True,
+        env={**clean, **env},
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )

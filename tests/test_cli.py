@@ -23,24 +23,10 @@ from forwarder.embedded import RedisServer, free_port
 from forwarder.model import SessionUpdate
 from forwarder.queue import Keys
 from forwarder.settings import Settings
+from tests.support import forwarder
 
 QUEUE = Keys("forwarder").queue
 GOOD = {"accountId": "123", "visitorId": "v", "sessionId": "s", "body": {"pageId": "p"}}
-
-
-def forwarder(
-    *args: str, stdin: bytes = b"", cwd: Path | None = None, **env: str
-) -> subprocess.CompletedProcess[bytes]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-    return subprocess.run(
-        [sys.executable, "-m", "forwarder", *args],
-        input=stdin,
-        capture_output=True,
-        env={**clean, **env},
-        cwd=cwd,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_enqueue_reports_each_invalid_line_and_enqueues_the_valid_ones(
@@ -214,6 +200,23 @@ def test_a_redis_cluster_down_is_said_in_one_line(command: list[str]) -> None:
     )
     assert result.returncode == 3
     assert b"cannot reach Redis" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["worker"], ["stats"], ["enqueue", "-"]])
+def test_a_password_redis_refuses_is_a_setting_to_fix(tmp_path: Path, command: list[str]) -> None:
+    # redis-py raises it as a ConnectionError: a worker took it for an outage and waited
+    # for ever, saying only "AuthenticationError" now and then.
+    with RedisServer(tmp_path / "auth", password="right") as server:
+        wrong = server.url.replace(":right@", ":wrong@")
+        result = forwarder(
+            *command,
+            stdin=orjson.dumps(GOOD),
+            FORWARDER_REDIS_URL=wrong,
+            FORWARDER_METRICS_PORT="0",
+        )
+    assert result.returncode == 2
+    assert b"Redis refused the credentials or the TLS settings" in result.stderr
     assert b"Traceback" not in result.stderr
 
 

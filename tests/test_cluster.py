@@ -31,7 +31,7 @@ from forwarder.queue import Keys, Queue
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
 from forwarder.worker import running
-from tests.support import fast_settings, wait_until
+from tests.support import fast_settings, forwarder, run_busy_script, wait_until
 
 BODY: dict[str, Any] = {"pageId": "p1", "engagementAttributes": [{"type": "searchInfo"}]}
 
@@ -549,3 +549,58 @@ async def test_an_ordered_claim_while_the_queues_slot_migrates_takes_nothing(
             assert await client.llen(keys.queue) == 2
     finally:
         await client.aclose()
+
+
+def test_a_worker_without_the_cluster_flag_on_a_cluster_node_stops(
+    fresh_cluster: Cluster,
+) -> None:
+    # A plain client follows no MOVED: waiting would last for ever.
+    other = next(
+        n for n in fresh_cluster.nodes if n is not fresh_cluster.owner(Keys("forwarder").queue)
+    )
+    result = forwarder("worker", FORWARDER_REDIS_URL=other.url, FORWARDER_METRICS_PORT="0")
+    assert result.returncode == 1
+    assert b"Redis refused: MovedError" in result.stderr
+
+
+async def test_a_busy_node_while_the_producer_maps_the_cluster_is_queue_unavailable(
+    fresh_cluster: Cluster,
+) -> None:
+    # redis-py says "Cluster mode is not enabled" of any error reply to CLUSTER SLOTS:
+    # BUSY (another client's long script) was taken for a setting to fix.
+    seed = fresh_cluster.nodes[0]
+    admin = redis.Redis(port=seed.port)
+    admin.config_set("busy-reply-threshold", 100)
+    busy = asyncio.create_task(asyncio.to_thread(run_busy_script, seed.url))
+    try:
+        await asyncio.sleep(0.5)
+        producer = Producer.from_url(fresh_cluster.url, cluster=True)
+        try:
+            with pytest.raises(QueueUnavailable, match="did not take the batch"):
+                await producer.enqueue("1", "v", "s", BODY)
+            await busy
+            await producer.enqueue("1", "v", "s", BODY)
+        finally:
+            await producer.aclose()
+    finally:
+        await busy
+        admin.config_set("busy-reply-threshold", 5000)
+        admin.close()
+
+
+def test_a_user_denied_the_cluster_layout_is_told_so(fresh_cluster: Cluster) -> None:
+    # redis-py says "Cluster mode is not enabled" of any error reply to CLUSTER SLOTS: the
+    # CLI said the cluster flag was wrong, where Redis' ACL said NOPERM.
+    seed = fresh_cluster.nodes[0]
+    admin = redis.Redis(port=seed.port)
+    admin.acl_setuser(
+        "nolayout", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-cluster"]
+    )
+    try:
+        url = f"redis://nolayout:pw@127.0.0.1:{seed.port}/0"
+        result = forwarder("stats", FORWARDER_REDIS_URL=url, FORWARDER_REDIS_CLUSTER="true")
+    finally:
+        admin.acl_deluser("nolayout")
+        admin.close()
+    assert result.returncode == 1
+    assert b"Redis refused: NoPermissionError" in result.stderr

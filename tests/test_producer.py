@@ -296,6 +296,19 @@ async def test_redis_busy_with_another_clients_script_is_queue_unavailable(
             await producer.enqueue("123", "v", "s", BODY)
 
 
+async def test_a_password_redis_refuses_is_raised_as_it_came(tmp_path: Path) -> None:
+    # A setting to fix: QueueUnavailable would have the caller retry for ever.
+    with RedisServer(tmp_path / "auth", password="right") as server:
+        wrong = server.url.replace(":right@", ":wrong@")
+        producer = Producer.from_url(wrong)
+        sync = SyncProducer.from_url(wrong)
+        async with _closing(producer, sync):
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                await producer.enqueue("123", "v", "s", BODY)
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                sync.enqueue("123", "v", "s", BODY)
+
+
 async def test_the_cluster_flag_against_a_lone_redis_is_no_outage(redis_url: str) -> None:
     # A setting to fix: QueueUnavailable would have the caller retry for ever.
     producer = Producer.from_url(redis_url, cluster=True)

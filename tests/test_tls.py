@@ -17,7 +17,7 @@ from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
 from forwarder.worker import running
-from tests.support import fast_settings, wait_until
+from tests.support import fast_settings, forwarder, wait_until
 
 KEYS = Keys("forwarder")
 
@@ -69,6 +69,17 @@ async def test_redis_tls_refuses_an_untrusted_certificate(tls_redis: tuple[int, 
             await client.ping()
     finally:
         await client.aclose()
+
+
+def test_a_redis_certificate_not_trusted_is_a_setting_to_fix(tls_redis: tuple[int, Path]) -> None:
+    # redis-py wraps the handshake's failure in a ConnectionError: a worker took it for an
+    # outage and waited for ever.
+    port, _ = tls_redis
+    url = f"rediss://127.0.0.1:{port}/0"
+    result = forwarder("worker", FORWARDER_REDIS_URL=url, FORWARDER_METRICS_PORT="0")
+    assert result.returncode == 2
+    assert b"Redis refused the credentials or the TLS settings" in result.stderr
+    assert b"CERTIFICATE_VERIFY_FAILED" in result.stderr
 
 
 @pytest.fixture
