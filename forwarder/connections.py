@@ -83,9 +83,14 @@ def setting_refused(exc: BaseException) -> bool:
     not mend it: settings are read at start."""
     if cluster_mode_disabled(exc):
         return True
+    if isinstance(exc, _NO_MASTER):
+        # redis-py folds what each sentinel answered into the text, with no chain.
+        return "AuthenticationError" in str(exc)
     return any(isinstance(cause, _SETTINGS_REFUSED) for cause in _causes(exc))
 
 
+# Sentinel's "no master", of the blocking client and of the asyncio one.
+_NO_MASTER = (redis.sentinel.MasterNotFoundError, redis.asyncio.sentinel.MasterNotFoundError)
 # The node's refusal of the credentials (WRONGPASS, NOAUTH, and redis-py's own for an
 # AUTH it may not send), and a certificate TLS could not verify (which redis-py wraps in
 # a ConnectionError): errors of ConnectionError's family that no wait mends.
@@ -114,6 +119,12 @@ _OUTAGE_REPLIES = (
 )
 
 
+# A cluster's slot on its way between nodes: AskError (MOVED too, from a transaction),
+# and redis-py's ClusterError once its redirects and retries are spent.
+_SLOT_MOVING = (redis.exceptions.AskError, redis.exceptions.ClusterError)
+_NON_LOCAL_KEY = "Script attempted to access a non local key"
+
+
 def redis_outage(exc: BaseException, *, cluster: bool) -> bool:
     """Whether ``exc`` is an outage, which workers wait out and producers report as
     ``QueueUnavailable``, rather than a refusal to raise (``WRONGTYPE``, ``NOPERM``, a
@@ -121,9 +132,10 @@ def redis_outage(exc: BaseException, *, cluster: bool) -> bool:
     if setting_refused(exc):
         return False
     answer = node_answer(exc) or exc
-    if isinstance(answer, redis.exceptions.AskError):  # MOVED too
-        # The cluster client follows redirects, and passes on one whose slot kept moving;
-        # a plain client follows none: it is pointed at a cluster.
+    if isinstance(answer, _SLOT_MOVING) or _NON_LOCAL_KEY in str(answer):
+        # A cluster client follows redirects and waits out a resharding (ASK, MOVED,
+        # TRYAGAIN until it gives up; a script may not create a key on the slot's old
+        # owner meanwhile); a plain client follows none: it is pointed at a cluster.
         return cluster
     if isinstance(answer, redis.exceptions.ResponseError):
         # BUSY: another client's script runs past busy-reply-threshold, and Redis
@@ -144,13 +156,18 @@ def node_answer(exc: BaseException) -> redis.exceptions.ResponseError | None:
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, then what it was raised from or while handling, and so on."""
+    """``exc``, then what redis-py raised it from or while handling, down to the first
+    error not redis-py's (an OSError, an SSL error): past that lies the context of
+    whoever called it, which says nothing of this call."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         yield cause
-        cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, REDIS_FAILURES):
+            return
+        context = None if cause.__suppress_context__ else cause.__context__
+        cause = cause.__cause__ or context
 
 
 AsyncRedis: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster

@@ -604,3 +604,35 @@ def test_a_user_denied_the_cluster_layout_is_told_so(fresh_cluster: Cluster) -> 
         admin.close()
     assert result.returncode == 1
     assert b"Redis refused: NoPermissionError" in result.stderr
+
+
+@pytest.mark.parametrize("ordering", ["none", "session"])
+async def test_a_worker_waits_out_a_resharding_of_its_queues_slot(
+    fresh_cluster: Cluster, standin: StandIn, ordering: str
+) -> None:
+    # Mid-resharding, settles meet TRYAGAIN until redis-py gives up (ClusterError), and
+    # an ordered claim a held list the old owner may not create: each ended the worker.
+    keys = Keys("forwarder")
+    direct = _direct(fresh_cluster.owner(keys.queue))
+    try:
+        slow = [make_update("1", f"slow1500-v{i}", f"s{i}", BODY) for i in range(3)]
+        await direct.lpush(keys.queue, *[encode(update)[1] for update in slow])
+        settings = fast_settings(
+            fresh_cluster.url,
+            standin,
+            redis_cluster=True,
+            ordering=ordering,
+            claim_batch=1,
+            concurrency=1,
+        )
+        async with running(settings) as worker:
+            await standin.wait_for(lambda api: len(api.requests) >= 1, 10)
+            with fresh_cluster.migrating(keys.queue):
+                later = [make_update("1", f"w{i}", f"t{i}", BODY) for i in range(3)]
+                await direct.lpush(keys.queue, *[encode(update)[1] for update in later])
+                await asyncio.sleep(4)
+                assert not worker.stopping
+            await standin.wait_for(lambda api: len(api.delivered) == 6, 30)
+        assert not worker.failed
+    finally:
+        await direct.aclose()

@@ -309,6 +309,19 @@ async def test_a_password_redis_refuses_is_raised_as_it_came(tmp_path: Path) -> 
                 sync.enqueue("123", "v", "s", BODY)
 
 
+def test_an_outage_met_while_the_caller_handles_a_refusal_is_still_an_outage() -> None:
+    # The caller's own exception is the context of what redis-py raises inside its
+    # except block: it says nothing of this call.
+    sync = SyncProducer.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        raise redis.exceptions.AuthenticationError("the caller's, another client's")
+    except redis.exceptions.AuthenticationError:
+        with pytest.raises(QueueUnavailable):
+            sync.enqueue("123", "v", "s", BODY)
+    finally:
+        sync.close()
+
+
 async def test_the_cluster_flag_against_a_lone_redis_is_no_outage(redis_url: str) -> None:
     # A setting to fix: QueueUnavailable would have the caller retry for ever.
     producer = Producer.from_url(redis_url, cluster=True)

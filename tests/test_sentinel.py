@@ -30,7 +30,7 @@ from forwarder.queue import Keys
 from forwarder.settings import Settings
 from forwarder.standin import StandIn
 from forwarder.worker import running
-from tests.support import fast_settings, wait_until
+from tests.support import fast_settings, forwarder, wait_until
 
 PASSWORD = "data-secret"
 SENTINEL_PASSWORD = "sentinel-secret"
@@ -289,6 +289,22 @@ async def test_workers_follow_a_failover_and_every_message_arrives(
 
 def _all_arrived(api: StandIn, visitors: list[str]) -> bool:
     return {r.visitor_id for r in api.delivered} >= set(visitors)
+
+
+@pytest.mark.parametrize("command", [["worker"], ["dlq", "stats"]])
+def test_a_sentinel_password_refused_is_a_setting_to_fix(
+    group: SentinelGroup, command: list[str]
+) -> None:
+    # redis-py folds the sentinels' AuthenticationError into MasterNotFoundError's text:
+    # a worker took it for a fail-over without a master, and waited for ever.
+    result = forwarder(
+        *command,
+        FORWARDER_REDIS_URL=group.url,
+        FORWARDER_REDIS_SENTINEL_PASSWORD="not-" + SENTINEL_PASSWORD,
+        FORWARDER_METRICS_PORT="0",
+    )
+    assert result.returncode == 2
+    assert b"Redis refused the credentials or the TLS settings" in result.stderr
 
 
 def test_a_sentinel_url_names_the_sentinels_the_master_and_the_database() -> None:
