@@ -109,14 +109,18 @@ _OUTAGES = (
     OSError,
 )
 # Error replies that pass: a fail-over (a master demoted behind the same address answers
-# READONLY; a cluster CLUSTERDOWN or TRYAGAIN), a Redis out of memory under noeviction
-# until the workers drain it.
+# READONLY, or MASTERDOWN where it serves no stale data; a cluster CLUSTERDOWN or
+# TRYAGAIN), a Redis out of memory under noeviction until the workers drain it.
 _OUTAGE_REPLIES = (
     redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
+    redis.exceptions.ClusterDownError,  # MasterDownError too
     redis.exceptions.TryAgainError,
     redis.exceptions.OutOfMemoryError,
 )
+# The same, where redis-py has no class: BUSY while another client's script runs past
+# busy-reply-threshold; NOREPLICAS while fewer replicas than min-replicas-to-write are
+# in touch (one restarting, one still loading its first copy).
+_PASSING_REPLIES = ("BUSY ", "NOREPLICAS ")
 
 
 # A cluster's slot on its way between nodes: AskError (MOVED too, from a transaction),
@@ -132,16 +136,18 @@ def redis_outage(exc: BaseException, *, cluster: bool) -> bool:
     if setting_refused(exc):
         return False
     answer = node_answer(exc) or exc
+    # First: MASTERDOWN is a ClusterError to redis-py, and passes for any client.
+    if isinstance(answer, _OUTAGE_REPLIES):
+        return True
+    reply = isinstance(answer, redis.exceptions.ResponseError)
+    if reply and str(answer).startswith(_PASSING_REPLIES):
+        return True
     if isinstance(answer, _SLOT_MOVING) or _NON_LOCAL_KEY in str(answer):
         # A cluster client follows redirects and waits out a resharding (ASK, MOVED,
         # TRYAGAIN until it gives up; a script may not create a key on the slot's old
         # owner meanwhile); a plain client follows none: it is pointed at a cluster.
         return cluster
-    if isinstance(answer, redis.exceptions.ResponseError):
-        # BUSY: another client's script runs past busy-reply-threshold, and Redis
-        # refuses every call until it ends. redis-py has no class for it.
-        return isinstance(answer, _OUTAGE_REPLIES) or str(answer).startswith("BUSY")
-    return isinstance(exc, _OUTAGES)
+    return not reply and isinstance(exc, _OUTAGES)
 
 
 def node_answer(exc: BaseException) -> redis.exceptions.ResponseError | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
+    MasterDownError,
     MovedError,
     OutOfMemoryError,
     RedisClusterException,
@@ -492,6 +494,65 @@ async def test_a_master_demoted_to_a_replica_is_an_outage_not_a_crash(
             await two.aclose()
 
 
+async def test_a_demoted_master_with_no_stale_data_to_serve_is_an_outage_too(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    # With replica-serve-stale-data no, a replica whose master link is down answers
+    # MASTERDOWN to every call: a ClusterError to redis-py, which stopped the worker.
+    async def demote(client: Redis) -> None:
+        await client.config_set("replica-serve-stale-data", "no")
+        await client.replicaof("127.0.0.1", free_port())  # a master never reached
+
+    async def promote(client: Redis) -> None:
+        await client.replicaof("NO", "ONE")
+
+    with RedisServer(tmp_path / "node") as server:
+        await _waited_out(server, standin, demote, promote)
+
+
+async def test_too_few_replicas_in_touch_to_write_is_an_outage(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    # min-replicas-to-write (the README's advice with Sentinel) answers NOREPLICAS while
+    # a replica restarts or loads its first copy: a plain ResponseError, which stopped
+    # every worker and reached producers' callers raw.
+    async def lose_replicas(client: Redis) -> None:
+        await client.config_set("min-replicas-to-write", 1)  # and there is none
+        producer = Producer(client)
+        with pytest.raises(QueueUnavailable, match="NOREPLICAS"):
+            await producer.enqueue("123", "ok-refused", "s", {"pageId": "p"})
+
+    async def regain_replicas(client: Redis) -> None:
+        await client.config_set("min-replicas-to-write", 0)
+
+    with RedisServer(tmp_path / "node") as server:
+        await _waited_out(server, standin, lose_replicas, regain_replicas)
+
+
+async def _waited_out(
+    server: RedisServer,
+    standin: StandIn,
+    begin: Callable[[Redis], Awaitable[None]],
+    end: Callable[[Redis], Awaitable[None]],
+) -> None:
+    """A worker delivers, is still running 1.5 s after ``begin`` (an outage), and
+    delivers again after ``end``."""
+    client = Redis.from_url(server.url)
+    try:
+        async with running(fast_settings(server.url, standin)) as worker:
+            await enqueue(server.url, ["ok-before"])
+            await standin.wait_for(lambda api: len(api.delivered) == 1, 5)
+            await begin(client)
+            await asyncio.sleep(1.5)
+            assert not worker.stopping
+            await end(client)
+            await enqueue(server.url, ["ok-after"])
+            await standin.wait_for(lambda api: len(api.delivered) == 2, 15)
+        assert not worker.failed
+    finally:
+        await client.aclose()
+
+
 async def _connections_received(redis: Redis) -> int:
     return int((await redis.info("stats"))["total_connections_received"])
 
@@ -504,6 +565,14 @@ def test_a_slot_on_the_move_is_an_outage_and_a_refusal_is_not() -> None:
         assert redis_outage(redirect, cluster=True)
         assert not redis_outage(redirect, cluster=False)
     assert not redis_outage(ResponseError("WRONGTYPE Operation against a key"), cluster=False)
+    # Fail-overs, for any client: MASTERDOWN is a ClusterError to redis-py.
+    for passing in (
+        MasterDownError("Link with MASTER is down and replica-serve-stale-data is set to 'no'."),
+        ClusterDownError("The cluster is down"),
+        ResponseError("NOREPLICAS Not enough good replicas to write."),
+    ):
+        assert redis_outage(passing, cluster=False)
+    assert not redis_outage(ResponseError("BUSYKEY Target key name already exists."), cluster=False)
     disabled = RedisClusterException("Cluster mode is not enabled on this node")
     assert not redis_outage(disabled, cluster=True)
 
