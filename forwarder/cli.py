@@ -11,13 +11,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO
 
-import redis
 from pydantic import ValidationError
 
 from forwarder import dlq, logs, stats
 from forwarder.connections import (
-    CLUSTER_UNREACHABLE,
     REDIS_FAILURES,
+    UNREACHABLE,
     cluster_mode_disabled,
     node_answer,
     setting_refused,
@@ -28,9 +27,6 @@ from forwarder.ndjson import enqueue_lines
 from forwarder.output import silence_stdout
 from forwarder.queue import Keys
 from forwarder.settings import Settings
-
-# Redis not there, or not answering in time.
-_DOWN = (redis.ConnectionError, redis.TimeoutError, CLUSTER_UNREACHABLE)
 
 
 def _settings_flags() -> argparse.ArgumentParser:
@@ -128,7 +124,7 @@ def _redis_failed(exc: BaseException) -> tuple[int, str]:
         return 2, f"Redis refused the credentials or the TLS settings: {exc}"
     # The cluster client raises its own exception from a node's refusal: say the node's.
     answer = node_answer(exc)
-    if answer is None and isinstance(exc, _DOWN):
+    if answer is None and isinstance(exc, UNREACHABLE):
         return 3, f"cannot reach Redis at the configured URL: {exc}"
     refused = answer or exc  # WRONGTYPE, NOPERM, a read-only replica, a full Redis...
     return 1, f"Redis refused: {type(refused).__name__}: {refused}"

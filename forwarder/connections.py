@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLUSTER_UNREACHABLE",
+    "REDIS_CALL_FAILED",
     "REDIS_FAILURES",
+    "UNREACHABLE",
     "AsyncRedis",
     "SentinelTarget",
     "SyncRedis",
@@ -47,6 +49,7 @@ __all__ = [
     "check_redis_url",
     "cluster_mode_disabled",
     "eviction_policy",
+    "is_cluster",
     "node_answer",
     "parse_sentinel_url",
     "redis_client",
@@ -58,23 +61,22 @@ __all__ = [
 
 # Where redis-py's cluster client cannot learn the cluster's layout (no node answers, a
 # slot no master serves, nodes that disagree mid-resharding) it raises this, which is no
-# RedisError: for us an outage, as a ConnectionError is.
+# RedisError: an outage, unless a node's refusal lies behind it (see redis_outage).
 CLUSTER_UNREACHABLE = redis.exceptions.RedisClusterException
 # Any failed Redis call: Redis' refusals and lost connections, and the cluster client's.
 REDIS_FAILURES = (redis.exceptions.RedisError, CLUSTER_UNREACHABLE)
+# The same, and what the asyncio client lets through unwrapped (a socket's OSError,
+# asyncio's TimeoutError): for code that must survive any failed call.
+REDIS_CALL_FAILED = (*REDIS_FAILURES, OSError)
 
 
 def cluster_mode_disabled(exc: BaseException) -> bool:
     """Whether ``exc`` says the cluster's node is no cluster node: a misconfiguration
     (``FORWARDER_REDIS_CLUSTER`` against a lone Redis), never an outage to wait out."""
-    if not isinstance(exc, CLUSTER_UNREACHABLE):
-        return False
-    answer = node_answer(exc)
-    if answer is None:  # redis-py has no class of its own for it
-        return "Cluster mode is not enabled" in str(exc)
     # redis-py says "Cluster mode is not enabled" of any error reply to CLUSTER SLOTS
-    # (BUSY, NOPERM too): the node's own words tell.
-    return "cluster support disabled" in str(answer)
+    # (BUSY, NOPERM too), raised from that reply: the node's own words tell.
+    answer = node_answer(exc) if isinstance(exc, CLUSTER_UNREACHABLE) else None
+    return answer is not None and "cluster support disabled" in str(answer)
 
 
 def setting_refused(exc: BaseException) -> bool:
@@ -99,10 +101,11 @@ _SETTINGS_REFUSED = (
     redis.exceptions.AuthorizationError,
     ssl.SSLCertVerificationError,
 )
-# Redis away for a while, rather than refusing what was asked: unreachable or timed out
-# (Sentinel's MasterNotFoundError is a ConnectionError), or the cluster client unable to
-# learn the layout (no node answers, a slot no master serves).
-_OUTAGES = (
+# Redis not there, or not answering in time: unreachable or timed out (Sentinel's
+# MasterNotFoundError is a ConnectionError), or the cluster client unable to learn the
+# layout (no node answers, a slot no master serves). An outage, unless a setting is
+# wrong (see setting_refused) or a node's refusal lies behind it.
+UNREACHABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     CLUSTER_UNREACHABLE,
@@ -147,7 +150,12 @@ def redis_outage(exc: BaseException, *, cluster: bool) -> bool:
         # TRYAGAIN until it gives up; a script may not create a key on the slot's old
         # owner meanwhile); a plain client follows none: it is pointed at a cluster.
         return cluster
-    return not reply and isinstance(exc, _OUTAGES)
+    return not reply and isinstance(exc, UNREACHABLE)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is redis-py's cluster client (blocking or asyncio)."""
+    return isinstance(client, redis.RedisCluster | redis.asyncio.RedisCluster)
 
 
 def node_answer(exc: BaseException) -> redis.exceptions.ResponseError | None:

@@ -32,7 +32,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from forwarder.connections import REDIS_FAILURES, AsyncRedis, ping
+from forwarder.connections import REDIS_CALL_FAILED, AsyncRedis, ping
 from forwarder.deadletters import REASONS, Dropped
 from forwarder.outcome import Outcome
 from forwarder.settings import Settings
@@ -344,7 +344,7 @@ class Listener:
             try:
                 async with asyncio.timeout(READY_TIMEOUT):
                     snapshot: Snapshot | None = await self._state.read()
-            except (*REDIS_FAILURES, OSError, TimeoutError):
+            except REDIS_CALL_FAILED:
                 snapshot = None
             self.metrics.observe_state(snapshot)
             self._state_read_at = time.monotonic()
@@ -359,7 +359,7 @@ class Listener:
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await ping(self.redis, self._state.keys.queue)
-        except (*REDIS_FAILURES, OSError, TimeoutError) as exc:
+        except REDIS_CALL_FAILED as exc:
             return _status(False, reason="redis_unavailable", error=type(exc).__name__)
         return _status(True)
 

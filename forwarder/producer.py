@@ -20,14 +20,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import orjson
-import redis
-import redis.asyncio
 
 from forwarder.connections import (
     REDIS_FAILURES,
     AsyncRedis,
     SyncRedis,
     async_client,
+    is_cluster,
     redis_outage,
     sync_client,
 )
@@ -67,8 +66,7 @@ def _taken_or_unavailable(client: AsyncRedis | SyncRedis) -> Iterator[None]:
     try:
         yield
     except REDIS_FAILURES as exc:
-        cluster = isinstance(client, redis.RedisCluster | redis.asyncio.RedisCluster)
-        if not redis_outage(exc, cluster=cluster):
+        if not redis_outage(exc, cluster=is_cluster(client)):
             raise
         raise QueueUnavailable(f"Redis did not take the batch: {exc}") from exc
 

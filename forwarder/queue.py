@@ -58,6 +58,7 @@ local function push_back(dst, entries)
   return #values
 end
 local function give_back(inflight, dst)
+  expect(dst, 'list')  -- it writes before it deletes; checked for an error that names it
   local flat = redis.call('HGETALL', inflight)
   if #flat == 0 then return 0 end
   local entries = {}

@@ -34,9 +34,10 @@ from forwarder.breaker import Breakers
 from forwarder.client import Attempt, EngagementClient, Put
 from forwarder.connections import (
     EVICTING_POLICIES,
-    REDIS_FAILURES,
+    REDIS_CALL_FAILED,
     AsyncRedis,
     eviction_policy,
+    is_cluster,
     raise_if_cancelled,
     redis_client,
     redis_outage,
@@ -51,9 +52,6 @@ from forwarder.settings import Settings
 
 log = structlog.get_logger("forwarder.worker")
 
-# What a worker's Redis calls may raise: outages (see redis_outage) are waited out, and
-# Worker._redis_down raises the rest again.
-REDIS_DOWN = (*REDIS_FAILURES, OSError)
 # How long an idle blocking pop waits before the loop looks at its stop flag again.
 BLOCK_SECONDS = 1
 SETTLE_BATCH = 500
@@ -184,7 +182,7 @@ class Worker:
                 # a message, which frees memory before it writes, registers this worker.
                 self._redis_down("start", exc)
                 return True
-            except REDIS_DOWN as exc:
+            except REDIS_CALL_FAILED as exc:
                 self._redis_down("start", exc)
                 await backoff.sleep()
         return False
@@ -193,7 +191,7 @@ class Worker:
         """Warn if Redis may evict the queue's keys (and so messages) when out of memory."""
         try:
             policy = await eviction_policy(self.queue.redis)
-        except REDIS_DOWN as exc:
+        except REDIS_CALL_FAILED as exc:
             # INFO may be denied (ACLs, managed services) or Redis gone again: not fatal.
             log.debug("redis_policy_unknown", worker=self.id, error=type(exc).__name__)
             return
@@ -237,7 +235,7 @@ class Worker:
                 if not claimed:
                     # Woken by the next message; the next claim takes it.
                     await self.queue.wait(BLOCK_SECONDS)
-            except REDIS_DOWN as exc:
+            except REDIS_CALL_FAILED as exc:
                 self._redis_down("claim", exc)
                 await backoff.sleep()
                 continue
@@ -379,7 +377,7 @@ class Worker:
         # The error may be a cancellation in disguise: a stopping worker would otherwise
         # wait on this loop forever.
         raise_if_cancelled()
-        if not redis_outage(exc, cluster=self.settings.redis_cluster):
+        if not redis_outage(exc, cluster=is_cluster(self.queue.redis)):
             raise exc  # a refusal (WRONGTYPE, a wrong setting): waiting would hide it
         log.warning("redis_unavailable", during=during, error=type(exc).__name__)
 
@@ -389,7 +387,7 @@ class Worker:
         while True:
             try:
                 return await call()
-            except REDIS_DOWN as exc:
+            except REDIS_CALL_FAILED as exc:
                 self._redis_down("record", exc)
                 await backoff.sleep()
 
@@ -409,7 +407,7 @@ class Worker:
                 strays = await self.queue.give_back_strays()
                 dropped = await self.retention.enforce()
                 taken_over = await self.queue.take_over_turns() if self.queue.ordered else 0
-            except REDIS_DOWN as exc:
+            except REDIS_CALL_FAILED as exc:
                 self._redis_down("heartbeat", exc)
                 continue
             if strays:
@@ -431,7 +429,7 @@ class Worker:
             self._retries_recorded.clear()
             try:
                 promoted = await self.queue.promote()
-            except REDIS_DOWN as exc:
+            except REDIS_CALL_FAILED as exc:
                 self._redis_down("promote", exc)
                 await self._nap(1.0)
                 continue

@@ -220,6 +220,13 @@ def test_a_password_redis_refuses_is_a_setting_to_fix(tmp_path: Path, command: l
     assert b"Traceback" not in result.stderr
 
 
+def test_a_database_number_redis_has_not_is_a_refusal(redis_server: RedisServer) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"  # past the default 16 databases
+    result = forwarder("stats", FORWARDER_REDIS_URL=url)
+    assert result.returncode == 1
+    assert b"Redis refused: ResponseError: DB index is out of range" in result.stderr
+
+
 def test_a_schema_whose_reader_left_is_no_traceback() -> None:
     unread, stdout = os.pipe()
     os.close(unread)

@@ -285,16 +285,17 @@ async def test_due_retries_stay_delayed_while_the_queue_key_holds_another_type(
     assert await redis_client.zrange(KEYS.delayed, 0, -1) == [b"due"]
 
 
-async def test_strays_stay_in_flight_while_the_queue_key_holds_another_type(
-    redis_client: Redis,
+@pytest.mark.parametrize("give_back", ["strays", "release"])
+async def test_what_a_worker_gives_back_stays_in_flight_while_the_queue_holds_another_type(
+    redis_client: Redis, give_back: str
 ) -> None:
     await redis_client.lpush(KEYS.queue, b"a")
     queue = Queue(redis_client, "forwarder", "w1")
     [claimed] = await queue.claim(1)
-    queue._held.discard(claimed.token)  # its outcome recorded, then lost by Redis
+    queue._held.discard(claimed.token)  # a stray: its outcome recorded, then lost by Redis
     await redis_client.set(KEYS.queue, FOREIGN)
     with pytest.raises(ResponseError, match=WRONG_QUEUE):
-        await queue.give_back_strays()
+        await (queue.give_back_strays() if give_back == "strays" else queue.release())
     assert await redis_client.hlen(KEYS.inflight("w1")) == 1
 
 
@@ -336,3 +337,15 @@ async def test_a_claim_into_a_key_of_another_type_takes_nothing(
     with pytest.raises(ResponseError, match=f"^WRONGTYPE {re.escape(named)} holds a string"):
         await queue.claim(10)
     assert await redis_client.llen(KEYS.queue) == 2
+
+
+async def test_a_dead_workers_messages_stay_in_flight_while_the_queue_key_holds_another_type(
+    redis_client: Redis,
+) -> None:
+    await redis_client.lpush(KEYS.queue, b"a")
+    await Queue(redis_client, "forwarder", "dead").claim(1)
+    await redis_client.set(KEYS.queue, FOREIGN)
+    live = Queue(redis_client, "forwarder", "live")
+    with pytest.raises(ResponseError, match=WRONG_QUEUE):
+        await _reaped_by(live, 0.1)
+    assert await redis_client.hlen(KEYS.inflight("dead")) == 1

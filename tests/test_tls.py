@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 import trustme
 from aiohttp import web
 from redis.asyncio import Redis
@@ -80,6 +81,19 @@ def test_a_redis_certificate_not_trusted_is_a_setting_to_fix(tls_redis: tuple[in
     assert result.returncode == 2
     assert b"Redis refused the credentials or the TLS settings" in result.stderr
     assert b"CERTIFICATE_VERIFY_FAILED" in result.stderr
+
+
+async def test_a_producer_raises_an_untrusted_redis_certificate_as_it_came(
+    tls_redis: tuple[int, Path],
+) -> None:
+    # A setting to fix: QueueUnavailable would have the caller retry for ever.
+    port, _ = tls_redis
+    producer = Producer.from_url(f"rediss://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await producer.enqueue("123", "v", "s", {"pageId": "p"})
+    finally:
+        await producer.aclose()
 
 
 @pytest.fixture
