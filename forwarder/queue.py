@@ -319,6 +319,7 @@ return out
 _PROMOTE = (
     _LIB
     + """
+expect(KEYS[1], 'zset')  -- checked first, for an error that names it
 local t = now()
 local due = redis.call('ZRANGE', KEYS[1], '-inf', t, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
 if #due > 0 then
@@ -371,6 +372,9 @@ return {released, page[1]}
 _HEARTBEAT = (
     _LIB
     + """
+expect(KEYS[1], 'zset')  -- checked first, for an error that names it
+expect(KEYS[3], 'hash')
+expect(KEYS[4], 'zset')
 local t = now()
 local timeout, prev, since = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
 if prev == 0 or t - prev > timeout then since = t end
@@ -400,6 +404,8 @@ return out
 _RELEASE = (
     _LIB
     + """
+expect(KEYS[3], 'zset')  -- checked first, for an error that names it
+expect(KEYS[4], 'hash')
 local n = give_back(KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])

@@ -113,6 +113,8 @@ class Worker:
         self.retention = Retention(redis, settings)
         # Set when a background task failed (a bug) and so stopped the worker.
         self.failed = False
+        # The first refusal by Redis (WRONGTYPE, a wrong setting), which stopped the worker.
+        self.refused: BaseException | None = None
 
     def stop(self) -> None:
         """Stop taking messages; :meth:`run` then finishes what is in flight and returns."""
@@ -126,16 +128,23 @@ class Worker:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; on return this worker has no keys left in Redis
-        (unless Redis stayed unreachable through the stop: see ``release_failed``)."""
-        if not await self._register():
-            return
-        await self._check_eviction()
-        log.info(
-            "worker_started",
-            worker=self.id,
-            queue=self.settings.queue,
-            concurrency=self.settings.concurrency,
-        )
+        (unless Redis stayed unreachable through the stop: see ``release_failed``).
+
+        Raises the first refusal Redis answered (see :attr:`refused`), once stopped.
+        """
+        if await self._register():
+            await self._check_eviction()
+            log.info(
+                "worker_started",
+                worker=self.id,
+                queue=self.settings.queue,
+                concurrency=self.settings.concurrency,
+            )
+            await self._work()
+        if self.refused is not None:
+            raise self.refused
+
+    async def _work(self) -> None:
         recorder = asyncio.create_task(self._record_outcomes())
         background = [
             recorder,
@@ -180,10 +189,11 @@ class Worker:
             except OutOfMemoryError as exc:
                 # A full Redis refuses the heartbeat's write; the first claim that takes
                 # a message, which frees memory before it writes, registers this worker.
-                self._redis_down("start", exc)
+                self._waited_out("start", exc)
                 return True
             except REDIS_CALL_FAILED as exc:
-                self._redis_down("start", exc)
+                if not self._waited_out("start", exc):
+                    return False
                 await backoff.sleep()
         return False
 
@@ -203,15 +213,16 @@ class Worker:
             returned = await asyncio.wait_for(
                 self._until_redis(self.queue.release), GIVE_UP_SECONDS
             )
-        except TimeoutError:
+        except REDIS_CALL_FAILED as exc:  # Redis stayed away (a timeout), or refused
             # What it held stays in its in-flight record; a live worker returns it to
             # the queue once this one's heartbeat is older than FORWARDER_WORKER_TIMEOUT.
-            log.error("release_failed", worker=self.id, unrecorded=len(self._results))
+            error = str(exc) or type(exc).__name__
+            log.error("release_failed", worker=self.id, unrecorded=len(self._results), error=error)
             return
         log.info("worker_stopped", worker=self.id, returned=returned)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled() or task.exception() in (None, self.refused):
             return
         # A bug, not an outage (those are retried where they happen): stop cleanly, so
         # everything in flight goes back to the queue, rather than run half a worker.
@@ -236,7 +247,8 @@ class Worker:
                     # Woken by the next message; the next claim takes it.
                     await self.queue.wait(BLOCK_SECONDS)
             except REDIS_CALL_FAILED as exc:
-                self._redis_down("claim", exc)
+                if not self._waited_out("claim", exc):
+                    return  # stopped: what was claimed is still delivered and recorded
                 await backoff.sleep()
                 continue
             backoff.reset()
@@ -373,13 +385,20 @@ class Worker:
             # Given back while being delivered: another worker will deliver them again.
             log.warning("acks_orphaned", worker=self.id, count=acks - acked)
 
-    def _redis_down(self, during: str, exc: BaseException) -> None:
+    def _waited_out(self, during: str, exc: BaseException) -> bool:
+        """True for an outage (said; try again); False for a refusal (WRONGTYPE, a wrong
+        setting), which stops the worker: waiting would hide it."""
         # The error may be a cancellation in disguise: a stopping worker would otherwise
         # wait on this loop forever.
         raise_if_cancelled()
-        if not redis_outage(exc, cluster=is_cluster(self.queue.redis)):
-            raise exc  # a refusal (WRONGTYPE, a wrong setting): waiting would hide it
-        log.warning("redis_unavailable", during=during, error=type(exc).__name__)
+        if redis_outage(exc, cluster=is_cluster(self.queue.redis)):
+            log.warning("redis_unavailable", during=during, error=type(exc).__name__)
+            return True
+        if self.refused is None:
+            self.refused = exc  # Redis' words name a key or a setting, never a value
+            log.error("redis_refused", worker=self.id, during=during, error=str(exc))
+        self.stop()
+        return False
 
     async def _until_redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run ``call`` until Redis answers: an outcome or a release must not be dropped."""
@@ -388,7 +407,8 @@ class Worker:
             try:
                 return await call()
             except REDIS_CALL_FAILED as exc:
-                self._redis_down("record", exc)
+                if not self._waited_out("record", exc):
+                    raise
                 await backoff.sleep()
 
     async def _nap(self, seconds: float, wake: asyncio.Event | None = None) -> None:
@@ -408,7 +428,8 @@ class Worker:
                 dropped = await self.retention.enforce()
                 taken_over = await self.queue.take_over_turns() if self.queue.ordered else 0
             except REDIS_CALL_FAILED as exc:
-                self._redis_down("heartbeat", exc)
+                if not self._waited_out("heartbeat", exc):
+                    return
                 continue
             if strays:
                 # Redis lost recorded outcomes (a restart, a fail-over): sent again.
@@ -430,7 +451,8 @@ class Worker:
             try:
                 promoted = await self.queue.promote()
             except REDIS_CALL_FAILED as exc:
-                self._redis_down("promote", exc)
+                if not self._waited_out("promote", exc):
+                    return
                 await self._nap(1.0)
                 continue
             wake = promoted.now + max(horizon, 0.05)

@@ -17,6 +17,7 @@ import pytest
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from forwarder import cli, model, outcome
 from forwarder import worker as worker_module
@@ -693,3 +694,36 @@ async def test_warns_at_start_when_redis_may_evict_the_queue(
 
 async def _logged(logs: list[MutableMapping[str, Any]], event: str) -> bool:
     return any(e["event"] == event for e in logs)
+
+
+# A refusal (here a key of the queue's holding another type) stops the worker; met
+# first by a background task (the promoter, the heartbeat, the recorder), it was logged
+# as a bug (worker_task_failed, with a traceback), cut off in-flight deliveries and left
+# the exit line to the release's own, nameless error.
+async def test_a_refusal_mid_run_stops_the_worker_in_redis_words_after_its_deliveries(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    await enqueue(redis_url, *[update(f"slow400-{i}") for i in range(3)])
+    seen: list[worker_module.Worker] = []
+
+    async def run_until_refused() -> None:
+        async with running(fast_settings(redis_url, standin)) as worker:
+            seen.append(worker)
+            await standin.wait_for(lambda api: len(api.requests) == 3, 5)
+            await redis_client.set(KEYS.claims, "not the forwarder's")
+
+            async def stopped() -> bool:
+                return worker.stopping
+
+            await wait_until(stopped, 10, "the refusal to stop the worker")
+
+    refused = r"^WRONGTYPE \{forwarder\}:claims holds a string"
+    with structlog.testing.capture_logs() as logs, pytest.raises(ResponseError, match=refused):
+        await run_until_refused()
+    [worker] = seen
+    assert not worker.failed
+    assert len(standin.delivered) == 3  # each once: finished, recorded, not given back
+    assert await redis_client.hlen(KEYS.inflight(worker.id)) == 0
+    events = [entry["event"] for entry in logs]
+    assert events.count("redis_refused") == 1
+    assert "worker_task_failed" not in events
