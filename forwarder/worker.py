@@ -222,7 +222,7 @@ class Worker:
         log.info("worker_stopped", worker=self.id, returned=returned)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() in (None, self.refused):
+        if task.cancelled() or task.exception() is None:
             return
         # A bug, not an outage (those are retried where they happen): stop cleanly, so
         # everything in flight goes back to the queue, rather than run half a worker.
@@ -352,7 +352,10 @@ class Worker:
         while True:
             batch = await self._results.take(SETTLE_BATCH, SETTLE_LINGER)
             settle = functools.partial(self.queue.settle, [o.settlement for o in batch])
-            acked, kept = await self._until_redis(settle)
+            try:
+                acked, kept = await self._until_redis(settle)
+            except REDIS_CALL_FAILED:
+                return  # refused (see refused): what is unrecorded goes back on release
             self._report(batch, acked, iter(kept))
             self._results.recorded(len(batch))
 

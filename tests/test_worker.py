@@ -704,26 +704,51 @@ async def test_a_refusal_mid_run_stops_the_worker_in_redis_words_after_its_deliv
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
     await enqueue(redis_url, *[update(f"slow400-{i}") for i in range(3)])
+
+    async def meanwhile() -> None:
+        await standin.wait_for(lambda api: len(api.requests) == 3, 5)
+        await redis_client.set(KEYS.claims, "not the forwarder's")
+
+    refused = r"^WRONGTYPE \{forwarder\}:claims holds a string"
+    worker = await _refused(fast_settings(redis_url, standin), refused, meanwhile)
+    assert len(standin.delivered) == 3  # each once: finished, recorded, not given back
+    assert await redis_client.hlen(KEYS.inflight(worker.id)) == 0
+
+
+async def test_a_second_refusal_met_by_the_recorder_is_no_bug_either(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    # The promoter is refused first; then the recorder, settling the 503s' retries.
+    await enqueue(redis_url, *[update(f"down-{i}") for i in range(20)])
+    await redis_client.set(KEYS.delayed, "not the forwarder's")
+    refused = r"^WRONGTYPE \{forwarder\}:delayed holds a string"
+    await _refused(fast_settings(redis_url, standin), refused)
+    assert await redis_client.llen(KEYS.queue) == 20  # given back, none lost
+
+
+async def _refused(
+    settings: Settings, refused: str, meanwhile: Callable[[], Awaitable[None]] | None = None
+) -> worker_module.Worker:
+    """Run a worker (and ``meanwhile``) until a refusal matching ``refused`` stops it;
+    check that it said so once, and as no bug. Returns the worker."""
     seen: list[worker_module.Worker] = []
 
-    async def run_until_refused() -> None:
-        async with running(fast_settings(redis_url, standin)) as worker:
+    async def run() -> None:
+        async with running(settings) as worker:
             seen.append(worker)
-            await standin.wait_for(lambda api: len(api.requests) == 3, 5)
-            await redis_client.set(KEYS.claims, "not the forwarder's")
+            if meanwhile is not None:
+                await meanwhile()
 
             async def stopped() -> bool:
                 return worker.stopping
 
-            await wait_until(stopped, 10, "the refusal to stop the worker")
+            await wait_until(stopped, 10, "a refusal to stop the worker")
 
-    refused = r"^WRONGTYPE \{forwarder\}:claims holds a string"
     with structlog.testing.capture_logs() as logs, pytest.raises(ResponseError, match=refused):
-        await run_until_refused()
-    [worker] = seen
-    assert not worker.failed
-    assert len(standin.delivered) == 3  # each once: finished, recorded, not given back
-    assert await redis_client.hlen(KEYS.inflight(worker.id)) == 0
+        await run()
     events = [entry["event"] for entry in logs]
     assert events.count("redis_refused") == 1
     assert "worker_task_failed" not in events
+    [worker] = seen
+    assert not worker.failed
+    return worker
