@@ -92,6 +92,12 @@ local function expect_claim_keys(keys)
   expect(keys[4], 'hash')
   if keys[5] then expect(keys[5], 'hash') end
 end
+-- The keys a settle writes retries and dead letters into (KEYS: inflight, delayed, dead),
+-- checked after its acks: those write nowhere else, so a refused retry cannot undo them.
+local function expect_outcome_keys(keys)
+  expect(keys[2], 'zset')
+  expect(keys[3], 'list')
+end
 -- Records claimed messages under claim numbers base + 1, base + 2, ...; returns
 -- {number, message, ...}.
 local function record(inflight, base, items)
@@ -256,12 +262,8 @@ _SETTLE = (
     + """
 local acks = numbers(ARGV[1])
 local out = {0}
--- Acks first: they write nowhere else, so a refused retry or dead letter cannot undo them.
 if #acks > 0 then out[1] = redis.call('HDEL', KEYS[1], unpack(acks)) end
-if #ARGV > 1 then
-  expect(KEYS[2], 'zset')
-  expect(KEYS[3], 'list')
-end
+if #ARGV > 1 then expect_outcome_keys(KEYS) end
 local t = (#ARGV > 1) and now() or 0
 local retries, dead = {}, {}
 for i = 2, #ARGV, 4 do
@@ -302,10 +304,7 @@ local function settle(op, token, payload, delay)
   return 1
 end
 for _, token in ipairs(numbers(ARGV[2])) do out[1] = out[1] + settle('ack', token, '', 0) end
-if #ARGV > 2 then  -- after the acks, as in the unordered settle
-  expect(KEYS[2], 'zset')
-  expect(KEYS[3], 'list')
-end
+if #ARGV > 2 then expect_outcome_keys(KEYS) end
 for i = 3, #ARGV, 4 do
   out[#out + 1] = settle(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end
