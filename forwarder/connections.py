@@ -16,6 +16,7 @@ sentinels that require their own get ``FORWARDER_REDIS_SENTINEL_PASSWORD``.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
@@ -295,6 +296,22 @@ def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_passwor
         raise ValueError("the Redis password is given both in the URL and on its own")
     if cluster and parts.path.strip("/") not in ("", "0"):
         raise ValueError("Redis Cluster has only database 0")
+    _check_options(url, cluster)
+
+
+def _check_options(url: str, cluster: bool) -> None:
+    """Refuse a query option redis-py does not take: it hands each one to the connection
+    (or the cluster client) as an argument, and would fail at the first connection."""
+    try:
+        if cluster:
+            redis.asyncio.RedisCluster.from_url(url)  # connects on first use only
+        else:
+            redis.asyncio.ConnectionPool.from_url(url).make_connection()
+    except TypeError as exc:
+        # redis-py's words name the option ("unexpected keyword argument 'x'"), no value.
+        name = re.search(r"argument ('[^']*')", str(exc))
+        option = name[1] if name else str(exc)
+        raise ValueError(f"the Redis URL has an option redis-py does not take: {option}") from None
 
 
 def _common(password: str | None) -> dict[str, Any]:
@@ -362,6 +379,14 @@ def _client(
     password: str | None,
     sentinel_password: str | None,
 ) -> Any:
+    # Producers built from a URL get the settings' checks too: a wrong URL fails here,
+    # not at the first enqueue (or never: a path that is no number would be database 0).
+    check_redis_url(
+        url,
+        cluster=cluster,
+        password=password is not None,
+        sentinel_password=sentinel_password is not None,
+    )
     if urlsplit(url).scheme in SENTINEL_SCHEMES:
         target = parse_sentinel_url(url)
         sentinel = family.sentinel(

@@ -265,6 +265,23 @@ def test_sync_enqueue_validates_before_redis() -> None:
         producer.enqueue("12/34", "v", "s", BODY)
 
 
+@pytest.mark.parametrize("producer", [Producer, SyncProducer])
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        # redis-py would read it as database 0: another environment's queue, perhaps.
+        ("redis://127.0.0.1:1/1x", "must be a database number"),
+        # redis-py would hand it to the connection: a TypeError at the first enqueue.
+        ("redis://127.0.0.1:1/0?sockettimeout=2", "does not take: 'sockettimeout'"),
+    ],
+)
+def test_a_producer_refuses_a_wrong_url_when_built_as_the_worker_does(
+    producer: type[Producer | SyncProducer], url: str, error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        producer.from_url(url)
+
+
 async def test_an_unreachable_redis_is_a_typed_error_not_a_silent_drop() -> None:
     producer = Producer.from_url(f"redis://127.0.0.1:{free_port()}/0")
     try:

@@ -336,6 +336,10 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_the_database() -> Non
         ({"redis_url": "redis://h:6379/1x"}, "must be a database number"),
         ({"redis_url": "redis://h:6379/0/1"}, "must be a database number"),
         ({"redis_url": "redis://h/0?socket_timeout=abc"}, "Invalid value for 'socket_timeout'"),
+        # Handed to the connection by redis-py: a traceback at the first connection.
+        ({"redis_url": "redis://h/0?sockettimeout=2"}, "does not take: 'sockettimeout'"),
+        ({"redis_url": "unix:///run/r.sock?db=1&x=1"}, "does not take: 'x'"),
+        ({"redis_url": "redis://h/0?sslx=1", "redis_cluster": True}, "does not take: 'sslx'"),
     ],
 )
 def test_incoherent_redis_settings_are_refused_at_startup(
