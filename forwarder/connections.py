@@ -306,7 +306,7 @@ def _check_options(url: str, cluster: bool) -> None:
         if cluster:
             redis.asyncio.RedisCluster.from_url(url)  # connects on first use only
         else:
-            redis.asyncio.ConnectionPool.from_url(url).make_connection()
+            redis.asyncio.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     except TypeError as exc:
         # redis-py's words name the option ("unexpected keyword argument 'x'"), no value.
         name = re.search(r"argument ('[^']*')", str(exc))
