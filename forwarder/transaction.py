@@ -23,6 +23,9 @@ outside any transaction). A batch may take longer to stream than that interval.
         for chunk in chunks:
             send("LPUSH", key, *chunk)
 
+MULTI's own reply is read before any command is sent (one round trip): refused (an ACL
+without ``+multi``), the commands would each be applied on their own, as they arrive.
+
 A cluster client's transaction runs on the node serving ``key``; a reply saying the
 slot has moved refreshes the client's slot map before it is raised, so a retry goes to
 the new owner.
@@ -66,6 +69,7 @@ def transaction(client: SyncRedis, key: str) -> Iterator[Send]:
     try:
         conn.check_health()
         conn.send_command("MULTI", check_health=False)
+        conn.read_response()  # refused: raises before any command goes out
         sent = 0
 
         def send(*command: Any) -> None:
@@ -75,7 +79,7 @@ def transaction(client: SyncRedis, key: str) -> Iterator[Send]:
 
         yield send
         conn.send_command("EXEC", check_health=False)
-        for _ in range(sent + 1):  # MULTI's OK, then QUEUED each (an error reply raises)
+        for _ in range(sent):  # QUEUED each (an error reply raises)
             conn.read_response()
         _raise_any(conn.read_response())
     except BaseException as exc:
@@ -95,6 +99,7 @@ async def async_transaction(client: AsyncRedis, key: str) -> AsyncIterator[Async
     try:
         await conn.check_health()  # type: ignore[no-untyped-call]
         await conn.send_command("MULTI", check_health=False)
+        await conn.read_response()  # refused: raises before any command goes out
         sent = 0
 
         async def send(*command: Any) -> None:
@@ -104,7 +109,7 @@ async def async_transaction(client: AsyncRedis, key: str) -> AsyncIterator[Async
 
         yield send
         await conn.send_command("EXEC", check_health=False)
-        for _ in range(sent + 1):
+        for _ in range(sent):
             await conn.read_response()
         _raise_any(await conn.read_response())
     except BaseException as exc:

@@ -479,3 +479,32 @@ def test_enqueued_at_is_taken_under_its_python_name() -> None:
     assert orjson.loads(raw)["enqueuedAt"] == 1764380000.0
     _, raw = encode({**update, "enqueued_at": None}, enqueued_at=5.0)
     assert orjson.loads(raw)["enqueuedAt"] == 5.0
+
+
+async def test_a_big_batch_for_a_user_without_multi_raises_and_enqueues_nothing(
+    own_redis: RedisServer,
+) -> None:
+    # A least-privilege producer: small batches (one LPUSH) pass, so only a big one shows
+    # it. Before, each streamed LPUSH was applied on its own, and the call still raised:
+    # a caller's retry after fixing the ACL enqueued the batch twice.
+    admin = redis.asyncio.Redis.from_url(own_redis.url)
+    await admin.acl_setuser(
+        "producer",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["{forwarder}:*"],
+        commands=["+lpush", "+ping"],
+    )
+    url = own_redis.url.replace("redis://", "redis://producer:pw@", 1)
+    producer = Producer.from_url(url)
+    sync = SyncProducer.from_url(url)
+    try:
+        async with _closing(producer, sync):
+            await producer.enqueue("123", "v", "s", BODY)  # one LPUSH: allowed
+            with pytest.raises(redis.exceptions.NoPermissionError, match="multi"):
+                await producer.enqueue_many(_updates())
+            with pytest.raises(redis.exceptions.NoPermissionError, match="multi"):
+                sync.enqueue_many(_updates())
+        assert await admin.llen(QUEUE) == 1
+    finally:
+        await admin.aclose()
