@@ -939,15 +939,18 @@ def _check_by_models(data: object) -> SessionUpdate:
 
 
 def wire_form(model: BaseModel) -> dict[str, Any]:
-    """``model``'s fields as JSON values under their wire names, only those given.
+    """``model``'s fields under their wire names, only those given, as Python values.
 
     The models also take a field under its Python name (``account_id``, ``page_id``),
     but the worker reads wire names and the API knows only those: a message the models
     judged is written out again in this form.
     """
+    # Python values, not JSON ones: a model's "JSON" would turn NaN into null, a Decimal
+    # or a datetime into a string, a set into a list, where the checks that follow
+    # (orjson's, non_finite_at) refuse them in a dict; a model is judged as a dict is.
     # No warnings: pydantic's, for a field set to a wrong type after validation, quote
     # the value (personal data); the validation that follows names the field instead.
-    return model.model_dump(mode="json", by_alias=True, exclude_unset=True, warnings=False)
+    return model.model_dump(by_alias=True, exclude_unset=True, warnings=False)
 
 
 # What the forwarder may add to a message on its way (an id where the producer gave none,

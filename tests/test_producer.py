@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime
+import decimal
 import enum
 import time
 import uuid
@@ -428,6 +430,35 @@ def test_a_session_update_changed_after_it_was_built_is_checked_again() -> None:
         "accountId: String should match pattern '^[A-Za-z0-9_]{1,20}$'",
         "body.pageId: Input should be a valid string",
     ]
+
+
+_UNTYPED = {"pageId": "p", "impAttributes": [{"type": "impExpanded"}]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        float("nan"),
+        float("inf"),
+        b"\xff",
+        datetime.datetime(2026, 1, 1),
+        decimal.Decimal("1.5"),
+        {1, 2},
+    ],
+    ids=["nan", "inf", "bytes", "datetime", "decimal", "set"],
+)
+def test_a_model_is_judged_as_the_same_data_in_a_dict_is(value: object) -> None:
+    # Dumped as JSON first, a model's NaN became null, a Decimal a string, and so on.
+    update = SessionUpdate.model_validate(make_update("123", "v", "s", _UNTYPED))
+    update.body.imp_attributes[0].expanded = value  # type: ignore[index,union-attr]
+    body = {"pageId": "p", "impAttributes": [{"type": "impExpanded", "expanded": value}]}
+    with pytest.raises(InvalidUpdate) as as_dict:
+        encode(make_update("123", "v", "s", body))
+
+    for given in (update, make_update("123", "v", "s", update.body)):
+        with pytest.raises(InvalidUpdate) as as_model:
+            encode(given)
+        assert as_model.value.errors == as_dict.value.errors
 
 
 def test_a_null_enqueued_at_is_filled_in_as_a_missing_one_is() -> None:
