@@ -957,10 +957,23 @@ def wire_form(model: BaseModel) -> dict[str, Any]:
 # attempts, lastError, replayed) and how much re-encoding its envelope may lengthen it: a
 # message taken at the cap must not become too large for its retry.
 BOOKKEEPING_BYTES = 256
+# The fields only the forwarder writes: a retry has attempts, a parked message lastError,
+# a replay replayed. An element without any is a producer's, held to the producers' cap:
+# taken above it, its first retry would be over the allowance and dead-lettered.
+_FORWARDERS_OWN = frozenset({"attempts", "lastError", "replayed"})
 
 
 def too_large(size: int, max_bytes: int) -> str:
     return f"(root): message is {size} bytes, over the {max_bytes}-byte cap"
+
+
+def _refuse_over_cap(
+    size: int, max_bytes: int, keys: Callable[[], Iterable[str]], where: str = ""
+) -> None:
+    """Refuse a message of ``size`` bytes, over ``max_bytes``, unless it carries the
+    forwarder's own fields (``keys()``: its top-level keys) and is within the allowance."""
+    if size > max_bytes + BOOKKEEPING_BYTES or _FORWARDERS_OWN.isdisjoint(keys()):
+        raise InvalidMessage([too_large(size, max_bytes) + where])
 
 
 @dataclass(slots=True)
@@ -983,10 +996,11 @@ _encode = msgspec.json.Encoder().encode
 
 
 def decode(raw: bytes, max_bytes: int) -> Decoded:
-    """Parse and validate one queue element of at most ``max_bytes`` (the producers' cap)
-    plus :data:`BOOKKEEPING_BYTES`; an ``id`` is assigned when the producer gave none."""
-    if len(raw) > max_bytes + BOOKKEEPING_BYTES:
-        raise InvalidMessage([too_large(len(raw), max_bytes)])
+    """Parse and validate one queue element of at most ``max_bytes`` (the producers' cap;
+    :data:`BOOKKEEPING_BYTES` more once the forwarder has added its own fields); an ``id``
+    is assigned when the producer gave none."""
+    if len(raw) > max_bytes:
+        _refuse_over_cap(len(raw), max_bytes, lambda: parse_object(raw))
     envelope = _envelope(raw)
     # The fast path takes a message msgspec writes back byte for byte (compact, in the
     # producer's key order, no key twice, no default spelled out) whose body has only
@@ -1004,7 +1018,7 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
             # bound: the cap holds for the form it is sent and retried in, as a producer's.
             size = len(orjson.dumps(message))
             if size > max_bytes:
-                raise InvalidMessage([too_large(size, max_bytes) + " in wire form"])
+                _refuse_over_cap(size, max_bytes, message.keys, " in wire form")
         elif verdict is False:
             _check_by_models(message)
             # The models took what msgspec refused: a body key given twice, where the

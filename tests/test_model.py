@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from forwarder.client import Attempt
+from forwarder.deadletters import DeadLetter
 from forwarder.demo import DOCS_EXAMPLE_BODY as DOCS_BODY
 from forwarder.demo import SAMPLE_BODIES
 from forwarder.model import (
@@ -46,6 +48,8 @@ from forwarder.model import (
     message_json_schema,
     validate_wire,
 )
+from forwarder.outcome import RetryPolicy, after_attempt, parked
+from forwarder.queue import Claimed
 
 PRODUCTS: list[dict[str, Any]] = [
     {
@@ -515,6 +519,28 @@ def test_a_message_whose_wire_form_outgrows_the_cap_is_refused_before_it_is_sent
     with pytest.raises(InvalidMessage, match="over the 8192-byte cap in wire form"):
         decode(raw, 8192)
     assert decode(raw, 16384).body.count(b"1000000000.0") == 300
+
+
+def test_each_form_the_forwarder_writes_back_fits_the_allowance() -> None:
+    # A producer's element at the cap, no id, and an enqueuedAt that grows when written
+    # again: its retry, a park and a replay each carry one of the forwarder's own fields.
+    raw = wire(body={"pageId": "p", "note": ""}, enqueuedAt=0).replace(b'"id":"m-1",', b"")
+    raw = raw.replace(b'"enqueuedAt":0', b'"enqueuedAt":1e15')
+    raw = raw.replace(b'"note":""', b'"note":"' + b"x" * (4096 - len(raw)) + b'"')
+    policy = RetryPolicy((1.0,) * 3, 60.0)
+    failed = Attempt(None, 0.1, failure="domain_lookup")
+    claimed = Claimed(1, raw)
+    park = parked(claimed, decode(raw, 4096).message, 1.0, "host_throttled")
+    for _ in range(3):
+        retry = after_attempt(claimed, decode(claimed.raw, 4096).message, failed, policy)
+        claimed = Claimed(1, retry.settlement.payload)
+    message = decode(claimed.raw, 4096).message
+    dead = after_attempt(claimed, message, failed, policy).settlement.payload
+    replay = DeadLetter.parse(dead).replay_message()
+    assert replay is not None
+    for again in (park.settlement.payload, claimed.raw, replay):
+        assert len(again) > 4096
+        decode(again, 4096)
 
 
 @pytest.mark.parametrize("visitor_id", [".", ".."])

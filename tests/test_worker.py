@@ -312,6 +312,32 @@ async def test_malformed_elements_are_dead_lettered_and_the_worker_goes_on(
     await assert_drained(redis_client)
 
 
+def _pushed_by_hand(visitor: str, size: int) -> bytes:
+    """An element as a non-Python producer may push it: no id, no bookkeeping, ``size``
+    bytes (padded in an unknown body field)."""
+    head = b'{"accountId":"1","visitorId":"%s","sessionId":"s","body":{"pageId":"p","note":"'
+    head %= visitor.encode()
+    return head + b"x" * (size - len(head) - 3) + b'"}}'
+
+
+async def test_a_hand_pushed_element_is_held_to_the_cap_a_retry_is_not(
+    redis_url: str, redis_client: Redis, standin: StandIn
+) -> None:
+    # Taken above the cap, the first would be sent, then its retry (an id, attempts and
+    # lastError added) dead-lettered as over the cap: it goes at once, unsent. The second,
+    # at the cap, keeps its retries with what the forwarder adds.
+    over, at_cap = _pushed_by_hand("flaky1-over", 4352), _pushed_by_hand("flaky2-cap", 4096)
+    await redis_client.lpush(KEYS.queue, over, at_cap)
+    async with running(fast_settings(redis_url, standin, max_message_bytes=4096)):
+        await standin.wait_for(lambda api: len(api.delivered) == 1, 10)
+        await wait_until(lambda: _dead_count(redis_client, 1), 5, "a dead letter")
+    assert [r.status for r in arrivals(standin, "flaky2-cap")] == [503, 503, 200]
+    assert arrivals(standin, "flaky1-over") == []
+    [record] = await dead_records(redis_client)
+    assert record["errors"] == ["(root): message is 4352 bytes, over the 4096-byte cap"]
+    await assert_drained(redis_client)
+
+
 async def test_an_invalid_elements_dead_letter_keeps_only_its_start(
     redis_url: str, redis_client: Redis, standin: StandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
