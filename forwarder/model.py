@@ -607,6 +607,17 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+# A run of digits as long as an integer past 64 bits can be.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def whole_numbers(raw: bytes, data: dict[str, Any]) -> dict[str, Any]:
+    """``data``, as :func:`parse_object` read it from ``raw``, with its integers past 64
+    bits kept whole: orjson reads one as a float, changing it without a word, where the
+    standard library keeps it, for the writer (orjson again) to refuse."""
+    return cast(dict[str, Any], json.loads(raw)) if _LONG_DIGITS.search(raw) else data
+
+
 def _check_duplicate_keys(raw: bytes) -> None:
     closed: list[list[str]] = []
 
@@ -901,10 +912,19 @@ def _fast_verdict(data: object, raw: bytes | None = None) -> bool | None:
     return _json_verdict(raw)
 
 
-def non_finite_at(value: object, path: str = "") -> str | None:
+def non_finite_at(value: object) -> str | None:
     """The path (``body.x.0``) of a NaN or infinite float in ``value``, if there is one."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path or "(root)"
+    return _first_at(value, lambda v: isinstance(v, float) and not math.isfinite(v))
+
+
+def _past_64_bits_at(value: object) -> str | None:
+    """The path of an integer orjson cannot write (past 64 bits) in ``value``, if any."""
+    return _first_at(value, lambda v: isinstance(v, int) and not -(2**63) <= v < 2**64)
+
+
+def _first_at(value: object, wanted: Callable[[object], bool], path: str = "") -> str | None:
+    if wanted(value):
+        return path or "(root)"
     if isinstance(value, Mapping):
         items: Iterable[tuple[object, object]] = value.items()
     elif isinstance(value, list | tuple):
@@ -912,7 +932,7 @@ def non_finite_at(value: object, path: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        found = non_finite_at(item, f"{path}.{key}" if path else str(key))
+        found = _first_at(item, wanted, f"{path}.{key}" if path else str(key))
         if found is not None:
             return found
     return None
@@ -1013,7 +1033,7 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
         message = parse_object(raw)
         verdict = _json_verdict(raw)
         if verdict is None:  # only the models read it (Python-named keys): their form
-            message = wire_form(_check_by_models(message))
+            message = wire_form(_check_by_models(_within_64_bits(raw, message)))
             # Written out again (names, numbers: 1e9 is 1000000000.0), it can grow without
             # bound: the cap holds for the form it is sent and retried in, as a producer's.
             size = len(orjson.dumps(message))
@@ -1031,6 +1051,17 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
         message["id"] = os.urandom(16).hex()
     return Decoded(message, body)
+
+
+def _within_64_bits(raw: bytes, message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` (``raw`` as orjson read it), to be written out again: refused if it
+    holds an integer past 64 bits, which orjson read as a float (and the float was sent)
+    and cannot write as it stands."""
+    whole = whole_numbers(raw, message)
+    where = None if whole is message else _past_64_bits_at(whole)
+    if where is not None:
+        raise InvalidMessage([f"{where}: integer past 64 bits"])
+    return whole
 
 
 def _envelope(raw: bytes) -> Any:

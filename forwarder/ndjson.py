@@ -9,9 +9,7 @@ batch or stops answering, the report names the lines that did not land, or may n
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import select
 import signal
 import sys
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forwarder.connections import REDIS_FAILURES, SyncRedis
-from forwarder.model import InvalidMessage, parse_object
+from forwarder.model import InvalidMessage, parse_object, whole_numbers
 from forwarder.producer import InvalidUpdate, encode
 
 ENQUEUE_BATCH = 1000
@@ -205,17 +203,9 @@ def _valid_line(line: bytes, number: int, max_bytes: int) -> bytes | None:
     return raw
 
 
-# A run of digits as long as an integer past 64 bits can be.
-_LONG_DIGITS = re.compile(rb"\d{19}")
-
-
 def _parse_line(line: bytes) -> dict[str, Any]:
+    # Integers past 64 bits kept whole, for encode to refuse as the producer does.
     try:
-        data = parse_object(line.strip())
+        return whole_numbers(line, parse_object(line.strip()))
     except InvalidMessage as exc:
         raise InvalidUpdate(exc.errors) from None
-    if _LONG_DIGITS.search(line):
-        # orjson reads an integer past 64 bits as a float, changing it without a word;
-        # the standard library keeps it whole, for encode to refuse as the producer does.
-        data = json.loads(line)
-    return data

@@ -967,6 +967,39 @@ def test_a_counter_the_forwarder_could_not_write_back_is_refused(field: str) -> 
             decode(raw, MAX_MESSAGE_BYTES)
 
 
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        ('{"page_id":"p","orderRef":%d}', "body.orderRef"),
+        ('{"page_id":"p","x":{"y":[-%d]}}', "body.x.y.0"),
+        (
+            '{"page_id":"p","impAttributes":[{"type":"impClose","campaign":%d}]}',
+            "body.impAttributes.0.campaign",
+        ),
+        (
+            '{"page_id":"p","engagementAttributes":[{"type":"cart","total":%d,"numItems":1}]}',
+            "body.engagementAttributes.0.total",
+        ),
+    ],
+)
+def test_an_integer_past_64_bits_the_worker_must_write_again_is_refused(
+    body: str, path: str
+) -> None:
+    # Python names make the worker write the message out again: orjson read the number
+    # as a float, and the float was sent. Under wire names it is sent as written.
+    big = 123456789012345678901234567890
+    with pytest.raises(InvalidMessage) as caught:
+        decode(_in_envelope(body % big).encode(), MAX_MESSAGE_BYTES)
+    assert caught.value.errors == [f"{path}: integer past 64 bits"]
+    as_written = (body % big).replace("page_id", "pageId")
+    assert decode(_in_envelope(as_written).encode(), MAX_MESSAGE_BYTES).body == as_written.encode()
+
+
+def test_the_largest_integer_orjson_writes_is_sent_whole_under_a_python_name() -> None:
+    raw = _in_envelope('{"page_id":"p","x":18446744073709551615}').encode()
+    assert decode(raw, MAX_MESSAGE_BYTES).body == b'{"pageId":"p","x":18446744073709551615}'
+
+
 def _in_envelope(body: str) -> str:
     return '{"accountId":"123","visitorId":"v","sessionId":"s","body":' + body + "}"
 
