@@ -1036,7 +1036,7 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
             message = wire_form(_check_by_models(_within_64_bits(raw, message)))
             # Written out again (names, numbers: 1e9 is 1000000000.0), it can grow without
             # bound: the cap holds for the form it is sent and retried in, as a producer's.
-            size = len(orjson.dumps(message))
+            size = _written_size(message)
             if size > max_bytes:
                 _refuse_over_cap(size, max_bytes, message.keys, " in wire form")
         elif verdict is False:
@@ -1062,6 +1062,15 @@ def _within_64_bits(raw: bytes, message: dict[str, Any]) -> dict[str, Any]:
     if where is not None:
         raise InvalidMessage([f"{where}: integer past 64 bits"])
     return whole
+
+
+def _written_size(message: dict[str, Any]) -> int:
+    try:
+        return len(orjson.dumps(message))
+    except orjson.JSONEncodeError:
+        # Read from JSON, with no integer past 64 bits: only its depth can stop orjson,
+        # which writes 254 levels where it and the models read more.
+        raise InvalidMessage(["(root): nested too deep to be written out again"]) from None
 
 
 def _envelope(raw: bytes) -> Any:

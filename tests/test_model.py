@@ -1000,6 +1000,18 @@ def test_the_largest_integer_orjson_writes_is_sent_whole_under_a_python_name() -
     assert decode(raw, MAX_MESSAGE_BYTES).body == b'{"pageId":"p","x":18446744073709551615}'
 
 
+@pytest.mark.parametrize("depth", [254, 255])
+def test_nesting_too_deep_to_write_again_is_an_invalid_message(depth: int) -> None:
+    # The models read it, orjson could not write it out again: a TypeError, logged as a
+    # crash in decoding. Under wire names it is sent as written.
+    body = '{"page_id":"p","x":' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(InvalidMessage) as caught:
+        decode(_in_envelope(body).encode(), MAX_MESSAGE_BYTES)
+    assert caught.value.errors == ["(root): nested too deep to be written out again"]
+    as_written = body.replace("page_id", "pageId")
+    assert decode(_in_envelope(as_written).encode(), MAX_MESSAGE_BYTES).body == as_written.encode()
+
+
 def _in_envelope(body: str) -> str:
     return '{"accountId":"123","visitorId":"v","sessionId":"s","body":' + body + "}"
 
