@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast, get_args
 
+import msgspec
 import orjson
 import structlog
 
@@ -181,21 +182,36 @@ class DeadLetter:
         except ValueError:
             return None
 
-    def replay_message(self) -> bytes | None:
-        """The message to enqueue again: no attempts, one more replay. None if there is none."""
+    def stored(self) -> dict[str, Any]:
+        """:attr:`data` with each value as stored (its JSON text), for writing out."""
+        return _as_stored(self.raw, self.data)
+
+    def stored_message(self) -> dict[str, Any] | None:
+        """:attr:`message` with each value as stored (its JSON text)."""
         message = self.message
-        if message is None:
+        fields = _raw_fields(self.raw)
+        if message is None or fields is None:
+            return message
+        return _as_stored(fields["message"], message)
+
+    def replay_message(self) -> bytes | None:
+        """The message to enqueue again: no attempts, one more replay, every other value
+        as stored (the worker sends the body as the producer wrote it). None if there is
+        no message."""
+        message, stored = self.message, self.stored_message()
+        if message is None or stored is None:
             return None
-        again = {k: v for k, v in message.items() if k not in BOOKKEEPING}
+        again = {k: v for k, v in stored.items() if k not in BOOKKEEPING}
         again["replayed"] = (_int(message.get("replayed")) or 0) + 1
         return orjson.dumps(again)
 
     def redacted(self) -> dict[str, Any]:
         """The record without payload content: no message body, no raw queue element, and
         of the validation errors (whose texts may quote values) only their number."""
-        out = {k: v for k, v in self.data.items() if k not in ("raw", "errors")}
-        if self.message is not None:
-            out["message"] = {k: v for k, v in self.message.items() if k != "body"}
+        out = {k: v for k, v in self.stored().items() if k not in ("raw", "errors")}
+        message = self.stored_message()
+        if message is not None:
+            out["message"] = {k: v for k, v in message.items() if k != "body"}
         errors = self.data.get("errors")
         if isinstance(errors, list):
             out["errorCount"] = len(errors)
@@ -451,6 +467,29 @@ async def tally(store: DeadLetters, wanted: Filter | None = None) -> Totals:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+# A JSON object's values as their text: read back by orjson and written out again, a
+# number can change (an integer past 64 bits rounded, 1e5 as 100000.0), a string's
+# escapes too.
+_RAW_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _raw_fields(raw: bytes | msgspec.Raw) -> dict[str, msgspec.Raw] | None:
+    """The object's values as their JSON text; None if it is no object msgspec reads."""
+    try:
+        return _RAW_FIELDS.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # nested deeper than msgspec reads
+        return None
+
+
+def _as_stored(raw: bytes | msgspec.Raw, parsed: dict[str, Any]) -> dict[str, Any]:
+    """``parsed`` (``raw`` read) with its values as ``raw`` has them, which orjson writes
+    out unchanged; as read where msgspec cannot read ``raw``."""
+    fields = _raw_fields(raw)
+    if fields is None:
+        return parsed
+    return {key: orjson.Fragment(bytes(value)) for key, value in fields.items()}
 
 
 def _text(value: object) -> str | None:

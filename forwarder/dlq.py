@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 import orjson
 from rich.console import Console
 from rich.progress import (
@@ -227,7 +228,7 @@ async def _list(args: argparse.Namespace, store: DeadLetters) -> int:
     async for page in _selected(store, args):
         for record in page:
             if args.json:
-                _write_json(record.data if args.show_body else record.redacted())
+                _write_json(record.stored() if args.show_body else record.redacted())
             else:
                 print(_row(record, show_body=args.show_body))
     return 0
@@ -239,10 +240,9 @@ async def _show(args: argparse.Namespace, store: DeadLetters) -> int:
         for record in page:
             found += 1
             if args.json:
-                _write_json(record.data)
+                _write_json(record.stored())
             else:
-                sys.stdout.buffer.write(orjson.dumps(record.data, option=orjson.OPT_INDENT_2))
-                sys.stdout.buffer.write(b"\n")
+                sys.stdout.buffer.write(_json_text(record.stored(), indent=2) + b"\n")
     if not found:
         _say(f"no dead letter with id {args.id!r}")
         return 1
@@ -485,13 +485,20 @@ def _row(record: DeadLetter, *, show_body: bool) -> str:
         f"{record.account or '-':<20}  {or_none(record.attempts):>5}  {detail or ''}"
     )
     if show_body:
-        payload = record.message.get("body") if record.message else data.get("raw")
-        line += "  " + orjson.dumps(payload).decode()
+        message = record.stored_message()
+        payload = message.get("body") if message else record.stored().get("raw")
+        line += "  " + _json_text(payload).decode()
     return line
 
 
 def _write_json(value: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(value) + b"\n")
+    sys.stdout.buffer.write(_json_text(value) + b"\n")
+
+
+def _json_text(value: Any, indent: int = -1) -> bytes:
+    """``value`` as JSON on one line (or indented by ``indent``). A stored value keeps its
+    text but not its layout: a body as the producer wrote it may span lines."""
+    return msgspec.json.format(orjson.dumps(value), indent=indent)
 
 
 def _say(text: str) -> None:

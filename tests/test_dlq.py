@@ -322,6 +322,47 @@ def test_replay_moves_records_to_the_producer_end_with_attempts_reset(
     assert all("attempts" not in m and "lastError" not in m for m in queued.values())
 
 
+# Numbers orjson would write back otherwise (a rounded float, 100000.0) and an escape.
+EXACT_BODY = (
+    b'{"pageId":"p1","n":123456789012345678901234567890,'
+    b'"f":0.12345678901234567890123,"e":1e5,"s":"caf\\u00e9"}'
+)
+
+
+def _exact_record(id: str) -> tuple[bytes, bytes]:
+    """A dead letter whose body orjson would not write back as is, and its message."""
+    message = (
+        b'{"id":"%s","accountId":"A","visitorId":"v","sessionId":"s1","body":%s,'
+        b'"enqueuedAt":1764380000.5,"replayed":1}' % (id.encode(), EXACT_BODY)
+    )
+    dead_at = record(id)["deadAt"].encode()
+    head = b'{"id":"%s","reason":"client_error","status":400,"error":null,"attempts":1,' % (
+        id.encode()
+    )
+    tail = b'"deadAt":"%s","lastError":"http_400","message":%s}' % (dead_at, message)
+    return head + tail, message
+
+
+def test_replay_and_show_keep_every_value_as_stored(redis_url: str, cli: Any) -> None:
+    raw, message = _exact_record("x1")
+    with redis.Redis.from_url(redis_url) as client:
+        client.lpush(KEYS.dead, raw)
+        code, out, _ = cli("dlq", "show", "x1", "--json", "--redis-url", redis_url)
+        assert (code, out.encode()) == (0, raw + b"\n")
+        code, out, _ = cli("dlq", "list", "--json", "--show-body", "--redis-url", redis_url)
+        assert (code, out.encode()) == (0, raw + b"\n")
+        code, out, _ = cli("dlq", "list", "--show-body", "--redis-url", redis_url)
+        assert out.splitlines()[1].encode().endswith(b"  " + EXACT_BODY)
+        code, out, _ = cli("dlq", "show", "x1", "--redis-url", redis_url)
+        assert b'"n": 123456789012345678901234567890,' in out.encode()
+        assert b'"e": 1e5,' in out.encode()
+        code, out, _ = cli("dlq", "replay", "--redis-url", redis_url)
+        assert (code, out) == (0, "x1\n")
+        assert client.lrange(KEYS.queue, 0, -1) == [
+            message.replace(b'"replayed":1', b'"replayed":2')
+        ]
+
+
 def test_a_replay_redis_refuses_keeps_the_dead_letter(redis_url: str, cli: Any) -> None:
     seed(redis_url, [record("w1"), record("w2")])
     client = redis.Redis.from_url(redis_url)
