@@ -175,19 +175,25 @@ def _command(run: Run, *, reader_may_stop: bool) -> Callable[[argparse.Namespace
         try:
             code = asyncio.run(_with_store(run, args, settings))
             # Written out here, not at exit: a reader gone by then is handled below.
-            sys.stdout.flush()
+            with _writing():
+                sys.stdout.flush()
             return code
         except KeyboardInterrupt:
             _say("interrupted; each record is either moved whole or where it was")
             return 130
-        except BrokenPipeError:
+        except _StdoutFailed as failed:
             silence_stdout()
-            if reader_may_stop or getattr(args, "dry_run", False):
-                return 0
-            _say("stopped: standard output was closed (the counts above are what was done)")
-            return 1
+            return _stdout_failed(failed.error, reader_may_stop or getattr(args, "dry_run", False))
 
     return command
+
+
+def _stdout_failed(error: OSError, reader_may_stop: bool) -> int:
+    if isinstance(error, BrokenPipeError) and reader_may_stop:
+        return 0
+    why = "was closed" if isinstance(error, BrokenPipeError) else f"failed: {error.strerror}"
+    _say(f"stopped: standard output {why} (the counts above are what was done)")
+    return 1
 
 
 async def _with_store(run: Run, args: argparse.Namespace, settings: Settings) -> int:
@@ -218,19 +224,20 @@ async def _stats(args: argparse.Namespace, store: DeadLetters) -> int:
     if args.json:
         _write_json(totals.as_json())
     else:
-        _render_totals(totals, PipeConsole())
+        with _writing():
+            _render_totals(totals, PipeConsole())
     return 0
 
 
 async def _list(args: argparse.Namespace, store: DeadLetters) -> int:
     if not args.json:
-        print(_HEADER)
+        _print(_HEADER)
     async for page in _selected(store, args):
         for record in page:
             if args.json:
                 _write_json(record.stored() if args.show_body else record.redacted())
             else:
-                print(_row(record, show_body=args.show_body))
+                _print(_row(record, show_body=args.show_body))
     return 0
 
 
@@ -242,7 +249,7 @@ async def _show(args: argparse.Namespace, store: DeadLetters) -> int:
             if args.json:
                 _write_json(record.stored())
             else:
-                sys.stdout.buffer.write(_json_text(record.stored(), indent=2) + b"\n")
+                _write(_json_text(record.stored(), indent=2) + b"\n")
     if not found:
         _say(f"no dead letter with id {args.id!r}")
         return 1
@@ -287,7 +294,7 @@ async def _replay_cmd(args: argparse.Namespace, store: DeadLetters) -> int:
                     message = record.replay_message()
                     if message is not None and await store.replay(record, message):
                         replayed += 1
-                        print(record.id, flush=True)
+                        _print(record.id, flush=True)
                     else:
                         taken += 1  # read, then taken by someone else before the move
                     advance(1)
@@ -300,11 +307,11 @@ async def _replay_cmd(args: argparse.Namespace, store: DeadLetters) -> int:
 
 
 async def _replay_plan(args: argparse.Namespace, store: DeadLetters) -> int:
-    print(_HEADER)
+    _print(_HEADER)
     would, skipped = 0, []
     async for page in _selected(store, args):
         for record in page:
-            print(_row(record, show_body=False))
+            _print(_row(record, show_body=False))
             if _replayable(record):
                 would += 1
             else:
@@ -351,7 +358,7 @@ async def _purge(args: argparse.Namespace, store: DeadLetters) -> int:
                 taken += len(page) - len(deleted)
                 advance(len(page))
                 for record in deleted:
-                    print(record.id, flush=True)
+                    _print(record.id, flush=True)
     finally:
         _say(f"purged {purged}")
     _report_gone(len(chosen.digests) + taken)
@@ -449,14 +456,12 @@ async def _export(args: argparse.Namespace, store: DeadLetters) -> int:
                 written += sink.write(page)
             except OSError as exc:
                 if args.file == "-":
-                    raise  # stdout closed: the command says so
+                    raise _StdoutFailed(exc) from exc  # the command says so
                 failed = exc  # disk full, say: this page is not purged
                 break
             if args.purge:
                 purged += sum(await store.remove(page))
     finally:
-        if failed is None:
-            sink.stream.flush()
         where = "stdout" if args.file == "-" else args.file
         _say(f"exported {written} to {where}" + (f"; purged {purged}" if args.purge else ""))
     if failed is not None:
@@ -491,8 +496,36 @@ def _row(record: DeadLetter, *, show_body: bool) -> str:
     return line
 
 
+class _StdoutFailed(Exception):
+    """Writing to stdout failed: a reader gone (EPIPE), a full disk (ENOSPC)... Told
+    apart from the OSError a Redis call may raise, which is no reason to blame stdout."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """Around writes to stdout: their OSError becomes :class:`_StdoutFailed`."""
+    try:
+        yield
+    except OSError as exc:
+        raise _StdoutFailed(exc) from exc
+
+
+def _print(line: str, *, flush: bool = False) -> None:
+    with _writing():
+        print(line, flush=flush)
+
+
+def _write(data: bytes) -> None:
+    with _writing():
+        sys.stdout.buffer.write(data)
+
+
 def _write_json(value: Any) -> None:
-    sys.stdout.buffer.write(_json_text(value) + b"\n")
+    _write(_json_text(value) + b"\n")
 
 
 def _json_text(value: Any, indent: int = -1) -> bytes:

@@ -563,6 +563,11 @@ def _with_stdout_closed(redis_url: str, *args: str) -> tuple[int, str]:
     its exit code and stderr."""
     unread, stdout = os.pipe()
     os.close(unread)
+    return _with_stdout(redis_url, stdout, *args)
+
+
+def _with_stdout(redis_url: str, stdout: int, *args: str) -> tuple[int, str]:
+    """Run ``forwarder dlq ARGS`` writing to ``stdout`` (closed here): exit code, stderr."""
     proc = forwarder(
         "dlq", *args, "--redis-url", redis_url, buffered=True, stdout=stdout, stderr=subprocess.PIPE
     )
@@ -600,6 +605,27 @@ def test_a_closed_stdout_fails_a_replay_or_an_export_but_not_a_listing(redis_url
     for read_only in read_only_commands:
         assert _with_stdout_closed(redis_url, *read_only)[0] == 0, read_only
     assert len(ids_in(redis_url, KEYS.dead)) == 599
+
+
+@pytest.mark.parametrize(
+    ("args", "done"),
+    [
+        (["purge", "--yes"], "purged {}\n"),
+        (["replay"], "replayed {} of 600"),
+        (["export", "-"], "exported {} to stdout"),
+        (["list"], ""),
+    ],
+)
+def test_a_stdout_that_cannot_be_written_stops_with_the_error_and_what_was_done(
+    redis_url: str, args: list[str], done: str
+) -> None:
+    seed(redis_url, [record(f"p{i}") for i in range(600)])
+    code, err = _with_stdout(redis_url, os.open("/dev/full", os.O_WRONLY), *args)
+    taken = 600 - len(ids_in(redis_url, KEYS.dead))
+    assert code == 1
+    assert "stopped: standard output failed: No space left on device" in err
+    assert done.format(taken) in err
+    assert "Traceback" not in err
 
 
 def test_purge_yes_removes_the_chosen_and_names_them(redis_url: str, cli: Any) -> None:
