@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from forwarder.connections import redis_client
+from forwarder.connections import ping, redis_client
 from forwarder.deadletters import (
     REASONS,
     DeadLetter,
@@ -436,6 +436,9 @@ async def _export(args: argparse.Namespace, store: DeadLetters) -> int:
     if args.file == "-" and (args.purge or args.append):
         _say("--purge and --append need a FILE: only what is safely on disk is deleted")
         return 2
+    # Redis is reached before FILE is created: a run that could not read would leave it
+    # empty, and its retry would find it there and refuse.
+    await ping(store.redis, store.keys.dead)
     try:
         sink = (
             _Export(sys.stdout.buffer, set(), durable=False)

@@ -667,6 +667,18 @@ def test_export_writes_a_private_file_and_never_overwrites(
     assert "cannot write" in err
 
 
+def test_an_export_that_cannot_reach_redis_creates_no_file(
+    redis_url: str, cli: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "dead.ndjson"
+    code, _, err = cli("dlq", "export", str(path), "--redis-url", "redis://127.0.0.1:1/0")
+    assert (code, path.exists()) == (3, False)
+    assert "cannot reach Redis" in err
+    seed(redis_url, MIX)
+    code, _, err = cli("dlq", "export", str(path), "--redis-url", redis_url)  # the retry
+    assert (code, len(path.read_bytes().splitlines())) == (0, 7)
+
+
 def test_export_append_purge_mends_a_torn_line_and_writes_nothing_twice(
     redis_url: str, cli: Any, tmp_path: Path
 ) -> None:
