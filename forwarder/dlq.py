@@ -420,16 +420,34 @@ class _Export:
 
 
 def _complete_lines(path: Path) -> set[bytes]:
-    """Digests of the file's records; a torn last line (a killed export) is cut off."""
-    digests, end = set(), 0
+    """Digests of the file's records. A last line without its newline is a record whose
+    newline was not written (hand-edited, say: kept, the newline added) or, if it is no
+    JSON object, a record torn by a killed export (cut off, and said)."""
+    digests, last = set(), b""
     with path.open("r+b") as file:
         for line in file:
-            if not line.endswith(b"\n"):
-                break
-            digests.add(digest(line[:-1]))
-            end += len(line)
-        file.truncate(end)
+            if line.endswith(b"\n"):
+                digests.add(digest(line[:-1]))
+            else:
+                last = line  # only the last line can end without one
+        if not last:
+            return digests
+        size = file.seek(0, os.SEEK_END)
+        if _is_object(last):
+            file.write(b"\n")
+            digests.add(digest(last))
+        else:
+            file.truncate(size - len(last))
+            # Its size, not its text: it holds personal data.
+            _say(f"{path}: cut its torn last line ({len(last)} bytes, no JSON object)")
     return digests
+
+
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(line), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 async def _export(args: argparse.Namespace, store: DeadLetters) -> int:

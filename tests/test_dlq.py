@@ -688,12 +688,28 @@ def test_export_append_purge_mends_a_torn_line_and_writes_nothing_twice(
     path.write_bytes(orjson.dumps(MIX[0]) + b"\n" + orjson.dumps(MIX[1])[:20])
     code, _, err = cli("dlq", "export", str(path), "--append", "--purge", "--redis-url", redis_url)
     assert code == 0
+    assert "cut its torn last line (20 bytes, no JSON object)" in err
     assert "exported 6" in err
     assert "purged 7" in err
     assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
         f"a{i}" for i in range(1, 8)
     ]
     assert ids_in(redis_url, KEYS.dead) == []
+
+
+def test_export_append_keeps_a_whole_last_record_that_lacks_its_newline(
+    redis_url: str, cli: Any, tmp_path: Path
+) -> None:
+    seed(redis_url, MIX)
+    path = tmp_path / "dead.ndjson"
+    path.write_bytes(orjson.dumps(MIX[0]) + b"\n" + orjson.dumps(MIX[1]))
+    code, _, err = cli("dlq", "export", str(path), "--append", "--redis-url", redis_url)
+    assert code == 0
+    assert "cut" not in err
+    assert "exported 5" in err
+    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
+        f"a{i}" for i in range(1, 8)
+    ]
 
 
 # --- crash safety ------------------------------------------------------------------------------
