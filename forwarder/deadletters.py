@@ -222,7 +222,8 @@ class DeadLetter:
 class Filter:
     """Which records a command works on: each given criterion must hold (any of its values).
 
-    ``statuses`` holds codes (``"400"``), classes (``"5xx"``) or ``"none"`` (no answer);
+    ``statuses`` holds codes (``"400"``), classes (``"5xx"``) or ``"none"`` (no answer,
+    or never sent: an invalid message has no status either, as ``dlq stats`` counts it);
     ages are in seconds before now, by ``deadAt``.
     """
 

@@ -148,7 +148,8 @@ def _filter_flags() -> argparse.ArgumentParser:
         "--status",
         action="append",
         type=_status_spec,
-        help="HTTP status: a code (400), a class (5xx) or none; repeatable",
+        help="HTTP status: a code (400), a class (5xx) or none (no answer, or never sent: "
+        "invalid_message); repeatable",
     )
     flags.add_argument("--account", action="append", help="accountId; repeatable")
     flags.add_argument("--internal-code", action="append", type=int, help="repeatable")

@@ -145,7 +145,7 @@ def forwarder(
         (["--reason", "client_error", "--reason", "invalid_message"], "a1 a2 a6 a7"),
         (["--status", "400"], "a1 a7"),
         (["--status", "5xx"], "a3 a5"),
-        (["--status", "none"], "a4 a6"),
+        (["--status", "none"], "a4 a6"),  # a6: invalid_message, never sent
         (["--status", "404", "--status", "500"], "a2 a5"),
         (["--account", "A"], "a1 a3"),
         (["--status", "4xx", "--account", "C"], "a7"),
@@ -227,6 +227,20 @@ def test_a_record_that_is_no_json_object_is_shown_as_its_text(redis_url: str, cl
     ]
     code, out, _ = cli("dlq", "list", "--json", "--redis-url", redis_url)
     assert [orjson.loads(line) for line in out.splitlines()] == [{}, {}]  # no payload
+
+
+def test_status_none_is_no_answer_or_never_sent_as_help_and_stats_say(
+    redis_url: str, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["dlq", "list", "--help"])
+    assert "none (no answer, or never sent: invalid_message)" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    seed(redis_url, MIX)
+    _, out, _ = cli("dlq", "list", "--json", "--status", "none", "--redis-url", redis_url)
+    _, stats, _ = cli("dlq", "stats", "--json", "--redis-url", redis_url)
+    assert len(out.splitlines()) == orjson.loads(stats)["byStatus"]["none"] == 2
 
 
 def test_stats_counts_by_reason_status_code_and_account(redis_url: str, cli: Any) -> None:
