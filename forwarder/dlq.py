@@ -411,13 +411,20 @@ class _Export:
 
     def write(self, records: Iterable[DeadLetter]) -> int:
         """Write the records not already there, then flush (and fsync); how many written."""
-        fresh = [r for r in records if r.digest not in self.present]
-        self.stream.write(b"".join(r.raw + b"\n" for r in fresh))
+        lines = [(digest(line), line) for line in (_one_line(r.raw) for r in records)]
+        fresh = [(key, line) for key, line in lines if key not in self.present]
+        self.stream.write(b"".join(line + b"\n" for _, line in fresh))
         self.stream.flush()
         if self.durable:
             os.fsync(self.stream.fileno())
-        self.present.update(r.digest for r in fresh)
+        self.present.update(key for key, _ in fresh)
         return len(fresh)
+
+
+def _one_line(raw: bytes) -> bytes:
+    """``raw`` as one NDJSON line. The worker keeps a body as the producer wrote it, which
+    may span lines: such a record loses that layout (JSON's whitespace), never a value."""
+    return msgspec.json.format(raw, indent=-1) if b"\n" in raw or b"\r" in raw else raw
 
 
 def _complete_lines(path: Path) -> set[bytes]:

@@ -726,6 +726,23 @@ def test_export_append_keeps_a_whole_last_record_that_lacks_its_newline(
     ]
 
 
+def test_export_writes_a_record_whose_body_spans_lines_on_one(
+    redis_url: str, cli: Any, tmp_path: Path
+) -> None:
+    # The worker keeps a body as the producer wrote it, newlines included: the record was
+    # written as is, over two lines, and --append then took neither for it.
+    spans = orjson.dumps(record("n1")).replace(b'"message":{', b'"message":{\r\n', 1)
+    with redis.Redis.from_url(redis_url) as client:
+        client.lpush(KEYS.dead, spans)
+    path = tmp_path / "dead.ndjson"
+    for _ in range(2):
+        code, _, err = cli("dlq", "export", str(path), "--append", "--redis-url", redis_url)
+        assert code == 0
+    assert "exported 0" in err
+    [line] = path.read_bytes().splitlines()
+    assert orjson.loads(line) == orjson.loads(spans)
+
+
 # --- crash safety ------------------------------------------------------------------------------
 
 CRASH_RECORDS = 1500
