@@ -1,7 +1,17 @@
-"""``python -m forwarder`` is the ``forwarder`` command."""
+"""``python -m forwarder``, and the ``forwarder`` command."""
 
 import sys
 
-from forwarder.cli import main
+from forwarder.signals import StopAsked
 
-sys.exit(main())
+
+def run() -> None:
+    if sys.argv[1:2] == ["worker"]:
+        StopAsked.catch()  # before the imports below: see forwarder.signals
+    from forwarder.cli import main
+
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -25,8 +25,10 @@ from forwarder.connections import (
 from forwarder.model import format_errors, message_json_schema
 from forwarder.ndjson import enqueue_lines
 from forwarder.output import silence_stdout
+from forwarder.processes import supervise
 from forwarder.queue import Keys
 from forwarder.settings import Settings
+from forwarder.signals import StopAsked
 
 
 def _settings_flags() -> argparse.ArgumentParser:
@@ -134,9 +136,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.processes < 1:
         print("forwarder: --processes must be at least 1", file=sys.stderr)
         return 2
+    StopAsked.catch()  # already, if run as the command: see forwarder.signals
     if args.processes > 1:
-        from forwarder.processes import supervise
-
         return supervise(args.processes, _flag_settings(args), settings.metrics_port)
     from forwarder.worker import tune_gc
 
@@ -165,6 +166,8 @@ async def _run_until_signal(settings: Settings) -> int:
         served.append(worker)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        if StopAsked.asked_yet():  # during start-up: it stops as on any stop
+            worker.stop()
 
     await serve(settings, on_ready=on_ready)
     # A task of its own failed (a bug; it stopped cleanly, giving everything back): not

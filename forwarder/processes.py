@@ -24,12 +24,14 @@ from types import FrameType
 
 import structlog
 
+from forwarder.signals import StopAsked
+
 log = structlog.get_logger("forwarder.processes")
 
 
 def supervise(count: int, env: Mapping[str, str], metrics_port: int) -> int:
     """Run ``count`` worker processes until they stop; return the worst exit code."""
-    children = [_spawn(i, env, metrics_port) for i in range(count)]
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -41,14 +43,20 @@ def supervise(count: int, env: Mapping[str, str], metrics_port: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    log.info("workers_started", processes=count, pids=[c.pid for c in children])
+    stopping = stopping or StopAsked.asked_yet()  # asked before forward was in place
+    for index in range(count):
+        if stopping:
+            break
+        children.append(_spawn(index, env, metrics_port))
+    if children:
+        log.info("workers_started", processes=count, pids=[c.pid for c in children])
     while any(c.poll() is None for c in children):
         exited = [c for c in children if c.poll() is not None]
         if exited and not stopping:
             log.error("worker_process_exited", pid=exited[0].pid, code=exited[0].returncode)
             forward(signal.SIGTERM, None)
         time.sleep(0.1)
-    return max(_exit_code(c.returncode, stopping) for c in children)
+    return max((_exit_code(c.returncode, stopping) for c in children), default=0)
 
 
 def _exit_code(returncode: int, stopping: bool) -> int:

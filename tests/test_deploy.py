@@ -124,7 +124,7 @@ def test_the_dockerfile_copies_only_what_exists_and_the_build_context_keeps() ->
 
 def test_the_entrypoint_is_the_installed_console_script_and_cmd_its_worker() -> None:
     [(script, target)] = PYPROJECT["project"]["scripts"].items()
-    assert target == "forwarder.cli:main"
+    assert target == "forwarder.__main__:run"  # catches signals before cli is imported
     assert json.loads(_one("ENTRYPOINT")) == [script]
     [command] = json.loads(_one("CMD"))
     with pytest.raises(SystemExit) as help_shown:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -247,3 +248,32 @@ async def _logged(log: Path, event: str, times: int = 1) -> bool:
 
 async def _workers_are(redis: Redis, n: int) -> bool:
     return int(await redis.zcard(KEYS.workers)) == n
+
+
+def _catches_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+async def test_a_sigterm_during_start_up_stops_the_worker_cleanly(
+    redis_url: str, redis_client: Redis, standin: StandIn, tmp_path: Path
+) -> None:
+    # Its handler came with the worker, a second or so in: before, a SIGTERM killed it
+    # (-15), and as PID 1 in a container, where a signal with no handler is dropped, it
+    # was ignored: the stop waited out the grace period, then a SIGKILL.
+    log = tmp_path / "worker.log"
+    proc = worker_process(redis_url, standin, log, FORWARDER_METRICS_PORT=str(free_port()))
+    try:
+        caught = functools.partial(asyncio.to_thread, _catches_sigterm, proc.pid)
+        await wait_until(caught, 10, "SIGTERM handled")
+        assert b"metrics_listening" not in log.read_bytes()  # still starting
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"Traceback" not in log.read_bytes()
+    assert await redis_client.zcard(KEYS.workers) == 0  # it took nothing, and left no key
