@@ -156,8 +156,10 @@ class Settings(BaseSettings):
         description="oldest dead letter kept, in seconds or a duration (`12h`, `7d`); workers "
         "drop older ones (logged and counted); unset or 0 = no cap",
     )
-    metrics_host: str = Field(
-        default="0.0.0.0", description="address the metrics and health listener binds"
+    metrics_host: str | None = Field(
+        default=None,
+        description="address the metrics and health listener binds; unset or empty = every "
+        "interface, IPv4 and IPv6 (probes on an IPv6-only cluster reach it too)",
     )
     metrics_port: int = Field(
         default=9108,

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import structlog
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
@@ -37,10 +38,10 @@ async def enqueue(redis_url: str, visitors: Iterable[str]) -> None:
     await enqueue_visitors(redis_url, visitors, BODY, account="12345678")
 
 
-async def get(port: int, path: str) -> tuple[int, str]:
+async def get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(5)) as resp,
+        session.get(f"http://{host}:{port}{path}", timeout=aiohttp.ClientTimeout(5)) as resp,
     ):
         return resp.status, await resp.text()
 
@@ -197,6 +198,28 @@ async def test_readyz_follows_redis_down_and_back(own_redis: RedisServer, standi
         assert math.isnan(value(samples, "forwarder_messages", state="pending"))
         await asyncio.to_thread(own_redis.start)
         await wait_until(lambda: _status_is(port, "/readyz", 200), 10, "200 once Redis is back")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_by_default_the_probes_answer_on_ipv4_and_ipv6(
+    redis_url: str, standin: StandIn
+) -> None:
+    # It bound 0.0.0.0: on an IPv6-only cluster the kubelet's probes, sent to the pod's
+    # IPv6 address, were refused, and the pod restarted for ever.
+    port = free_port()
+    settings = fast_settings(redis_url, standin, metrics_port=port)
+    async with running(settings):
+        assert (await get(port, "/healthz"))[0] == 200
+        assert (await get(port, "/healthz", host="[::1]"))[0] == 200
 
 
 async def test_readyz_is_503_once_the_worker_is_stopping(
