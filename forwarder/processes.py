@@ -47,7 +47,10 @@ def supervise(count: int, env: Mapping[str, str], metrics_port: int) -> int:
     for index in range(count):
         if stopping:
             break
-        children.append(_spawn(index, env, metrics_port))
+        child = _spawn(index, env, metrics_port)
+        children.append(child)
+        if stopping:  # asked while it was being started, before forward could see it
+            child.send_signal(signal.SIGTERM)
     if children:
         log.info("workers_started", processes=count, pids=[c.pid for c in children])
     while any(c.poll() is None for c in children):

@@ -277,3 +277,40 @@ async def test_a_sigterm_during_start_up_stops_the_worker_cleanly(
             proc.kill()
     assert b"Traceback" not in log.read_bytes()
     assert await redis_client.zcard(KEYS.workers) == 0  # it took nothing, and left no key
+
+
+_SIGTERM_DURING_SPAWN = """
+import os, signal, sys
+from forwarder import processes
+
+spawn = processes._spawn
+
+def spawn_then_sigterm(index, env, port):
+    child = spawn(index, env, port)
+    if index == 1:  # as if it came while Popen started the second child
+        os.kill(os.getpid(), signal.SIGTERM)
+    return child
+
+processes._spawn = spawn_then_sigterm
+sys.exit(processes.supervise(3, {}, 0))
+"""
+
+
+def test_a_sigterm_while_the_supervisor_starts_a_child_stops_every_child(
+    redis_url: str, standin: StandIn
+) -> None:
+    # The child being started was not yet among those it forwards SIGTERM to: that one
+    # went on, and the supervisor waited for it for ever.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    env.update(
+        FORWARDER_REDIS_URL=redis_url,
+        FORWARDER_API_BASE_URL=standin.base_url,
+        FORWARDER_METRICS_PORT="0",
+    )
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_DURING_SPAWN], env=env)
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["pkill", "-TERM", "-P", str(proc.pid)], check=False)
+            proc.kill()
