@@ -423,8 +423,14 @@ class _Export:
 
 def _one_line(raw: bytes) -> bytes:
     """``raw`` as one NDJSON line. The worker keeps a body as the producer wrote it, which
-    may span lines: such a record loses that layout (JSON's whitespace), never a value."""
-    return msgspec.json.format(raw, indent=-1) if b"\n" in raw or b"\r" in raw else raw
+    may span lines: such a record loses that layout (JSON's whitespace), never a value.
+    What is no JSON at all (put there by hand) has its line breaks escaped instead."""
+    if b"\n" not in raw and b"\r" not in raw:
+        return raw
+    try:
+        return msgspec.json.format(raw, indent=-1)
+    except msgspec.DecodeError:
+        return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
 
 
 def _complete_lines(path: Path) -> set[bytes]:

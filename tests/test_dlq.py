@@ -743,6 +743,21 @@ def test_export_writes_a_record_whose_body_spans_lines_on_one(
     assert orjson.loads(line) == orjson.loads(spans)
 
 
+def test_export_writes_an_element_that_is_no_json_and_spans_lines_on_one(
+    redis_url: str, cli: Any, tmp_path: Path
+) -> None:
+    # Put there by hand: compacting it as JSON raised, a traceback for the whole page.
+    with redis.Redis.from_url(redis_url) as client:
+        client.lpush(KEYS.dead, orjson.dumps(record("j1")), b"oops\nnot \\ json")
+        path = tmp_path / "dead.ndjson"
+        code, _, _ = cli("dlq", "export", str(path), "--purge", "--redis-url", redis_url)
+        assert (code, client.llen(KEYS.dead)) == (0, 0)
+    assert path.read_bytes().splitlines() == [
+        orjson.dumps(record("j1")),
+        b"oops\\nnot \\\\ json",
+    ]
+
+
 # --- crash safety ------------------------------------------------------------------------------
 
 CRASH_RECORDS = 1500
