@@ -263,10 +263,13 @@ def _host_port(text: str) -> tuple[str, int]:
     return one.hostname, port or SENTINEL_PORT
 
 
-def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_password: bool) -> None:
+def check_redis_url(
+    url: str, *, cluster: bool, password: bool, sentinel_password: bool, blocking: bool = False
+) -> None:
     """Refuse combinations that would otherwise fail late or be silently ignored.
 
-    ``password`` and ``sentinel_password`` say whether those settings are given.
+    ``password`` and ``sentinel_password`` say whether those settings are given;
+    ``blocking``, that the URL is for redis-py's blocking client, not its asyncio one.
     """
     parts = urlsplit(url)
     if parts.scheme in SENTINEL_SCHEMES:
@@ -296,17 +299,19 @@ def check_redis_url(url: str, *, cluster: bool, password: bool, sentinel_passwor
         raise ValueError("the Redis password is given both in the URL and on its own")
     if cluster and parts.path.strip("/") not in ("", "0"):
         raise ValueError("Redis Cluster has only database 0")
-    _check_options(url, cluster)
+    _check_options(url, cluster, blocking)
 
 
-def _check_options(url: str, cluster: bool) -> None:
+def _check_options(url: str, cluster: bool, blocking: bool) -> None:
     """Refuse a query option redis-py does not take: it hands each one to the connection
     (or the cluster client) as an argument, and would fail at the first connection."""
+    pool = redis.ConnectionPool if blocking else redis.asyncio.ConnectionPool
     try:
         if cluster:
-            redis.asyncio.RedisCluster.from_url(url)  # connects on first use only
+            # The asyncio class for both: the blocking one connects as it is built.
+            redis.asyncio.RedisCluster.from_url(url)
         else:
-            redis.asyncio.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+            pool.from_url(url).make_connection()
     except TypeError as exc:
         # redis-py's words name the option ("unexpected keyword argument 'x'"), no value.
         name = re.search(r"argument ('[^']*')", str(exc))
@@ -386,6 +391,7 @@ def _client(
         cluster=cluster,
         password=password is not None,
         sentinel_password=sentinel_password is not None,
+        blocking=family is _SYNC,
     )
     if urlsplit(url).scheme in SENTINEL_SCHEMES:
         target = parse_sentinel_url(url)

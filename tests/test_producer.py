@@ -284,6 +284,14 @@ def test_a_producer_refuses_a_wrong_url_when_built_as_the_worker_does(
         producer.from_url(url)
 
 
+def test_a_url_option_only_the_blocking_client_takes_is_the_sync_producers_to_use() -> None:
+    # The check asked the asyncio classes, and refused it to the sync producer too.
+    url = "rediss://127.0.0.1:1/0?ssl_validate_ocsp_stapled=true"
+    SyncProducer.from_url(url).close()
+    with pytest.raises(ValueError, match="does not take: 'ssl_validate_ocsp_stapled'"):
+        Producer.from_url(url)
+
+
 async def test_an_unreachable_redis_is_a_typed_error_not_a_silent_drop() -> None:
     producer = Producer.from_url(f"redis://127.0.0.1:{free_port()}/0")
     try:
