@@ -996,6 +996,15 @@ def _refuse_over_cap(
         raise InvalidMessage([too_large(size, max_bytes) + where])
 
 
+def _top_keys(raw: bytes) -> Iterable[str]:
+    """The element's top-level keys; none where it is no JSON object: its size is the
+    first thing wrong with it, and said first."""
+    try:
+        return parse_object(raw).keys()
+    except InvalidMessage:
+        return ()
+
+
 @dataclass(slots=True)
 class Decoded:
     """A valid queue element: the Update Session body to send, as the producer wrote it,
@@ -1020,7 +1029,7 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
     :data:`BOOKKEEPING_BYTES` more once the forwarder has added its own fields); an ``id``
     is assigned when the producer gave none."""
     if len(raw) > max_bytes:
-        _refuse_over_cap(len(raw), max_bytes, lambda: parse_object(raw))
+        _refuse_over_cap(len(raw), max_bytes, lambda: _top_keys(raw))
     envelope = _envelope(raw)
     # The fast path takes a message msgspec writes back byte for byte (compact, in the
     # producer's key order, no key twice, no default spelled out) whose body has only

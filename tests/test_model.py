@@ -521,6 +521,15 @@ def test_a_message_whose_wire_form_outgrows_the_cap_is_refused_before_it_is_sent
     assert decode(raw, 16384).body.count(b"1000000000.0") == 300
 
 
+@pytest.mark.parametrize("extra", [b"", b'"attempts":1,'])
+def test_an_element_over_the_cap_that_is_no_json_is_said_to_be_too_large(extra: bytes) -> None:
+    # Within the allowance, it was read for the forwarder's own fields first, and said
+    # to be no JSON: its size, found first, was not said at all.
+    raw = b"{" + extra + b'"x":"' + b"y" * 4096 + b'"'  # cut short: no closing brace
+    with pytest.raises(InvalidMessage, match="over the 4096-byte cap"):
+        decode(raw, 4096)
+
+
 def test_each_form_the_forwarder_writes_back_fits_the_allowance() -> None:
     # A producer's element at the cap, no id, and an enqueuedAt that grows when written
     # again: its retry, a park and a replay each carry one of the forwarder's own fields.
