@@ -79,6 +79,9 @@ class DomainResolver:
         except DomainLookupError as exc:
             known = self._cache.get(account_id)
             if known is None:
+                # Said once a lookup, not once a message waiting on it: the attempts and
+                # dead letters record only that the lookup failed, not why.
+                log.warning("domain_lookup_failed", account=account_id, error=str(exc))
                 raise
             log.warning("domain_refresh_failed", account=account_id, error=str(exc))
             host, ttl = known[0], min(self._ttl, STALE_RETRY)

@@ -25,7 +25,7 @@ from forwarder.answers import MAX_ANSWER_BYTES
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.producer import Producer, make_update
-from forwarder.queue import Keys
+from forwarder.queue import Keys, delayed_message
 from forwarder.settings import Settings
 from forwarder.standin import Received, StandIn
 from forwarder.worker import running
@@ -258,6 +258,21 @@ async def test_a_failed_background_task_stops_the_worker_with_a_failing_exit_cod
     await assert_drained(redis_client, pending=pending)
 
 
+@pytest.mark.parametrize("ordering", ["none", "session"])
+async def test_two_identical_messages_waiting_for_a_retry_stay_two(
+    redis_url: str, redis_client: Redis, standin: StandIn, ordering: str
+) -> None:
+    # A producer's id given twice, one enqueuedAt for the batch: the same bytes. Each
+    # retry was its own message as the delayed set's member, so the two became one.
+    twice = [update("down-1", id="given-twice")] * 2
+    await enqueue(redis_url, *twice)
+    settings = fast_settings(redis_url, standin, retry_delays=(0.2,), ordering=ordering)
+    async with running(settings):
+        await wait_until(lambda: _dead_count(redis_client, 2), 10, "both dead-lettered")
+    assert len(standin.requests) == 4  # each sent, then retried once
+    await assert_drained(redis_client)
+
+
 async def test_waiting_retries_are_kept_in_the_delayed_set(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
@@ -268,7 +283,7 @@ async def test_waiting_retries_are_kept_in_the_delayed_set(
         [(raw, due)] = cast(list[tuple[bytes, float]], waiting_list)
         seconds, micros = await redis_client.time()
         server_now = seconds + micros / 1e6
-        waiting = orjson.loads(raw)
+        waiting = orjson.loads(delayed_message(raw))
         assert (waiting["id"], waiting["attempts"], waiting["lastError"]) == (
             message_id,
             1,
@@ -525,6 +540,24 @@ async def test_a_domain_api_host_that_cannot_make_a_url_fails_the_lookup(host: s
         resolver = DomainResolver(session, url, ttl=60, timeout=5)
         with pytest.raises(DomainLookupError, match="no valid baseURI"):
             await resolver.host("12345678")
+
+
+async def test_a_failed_first_lookup_says_why_once() -> None:
+    # The attempt records only "domain_lookup": why (a 404 for an unknown account, say)
+    # was said nowhere.
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"error": "unknown account"}, status=404)
+
+    async with _domain_api(answer) as url, aiohttp.ClientSession() as session:
+        resolver = DomainResolver(session, url, ttl=60, timeout=5)
+        with structlog.testing.capture_logs() as logs:
+            results = await asyncio.gather(
+                *(resolver.host("12345678") for _ in range(3)), return_exceptions=True
+            )
+    assert all(isinstance(r, DomainLookupError) for r in results)
+    assert [(e["event"], e["account"], e["error"]) for e in logs] == [
+        ("domain_lookup_failed", "12345678", "domain API answered 404")
+    ]
 
 
 async def test_an_endless_domain_api_answer_fails_the_lookup_without_the_timeout(
