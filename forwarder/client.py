@@ -49,6 +49,9 @@ class Attempt:
     error: ErrorEntity | None = None
     failure: str | None = None
     retry_after: float | None = None
+    # Wall-clock time of the answer, for the time from enqueue to delivery: the outcome
+    # is recorded up to a settle batch's linger later. 0.0 where there was no answer.
+    answered_at: float = 0.0
 
     @property
     def describe(self) -> str:
@@ -165,7 +168,7 @@ class EngagementClient:
 
 def _answered(resp: aiohttp.ClientResponse, payload: bytes | None, latency: float) -> Attempt:
     if resp.status < 400:
-        return Attempt(resp.status, latency)
+        return Attempt(resp.status, latency, answered_at=time.time())
     retry_after = _retry_after(resp.headers.get("Retry-After"))
     return Attempt(resp.status, latency, _error_entity(payload), retry_after=retry_after)
 

@@ -56,7 +56,28 @@ _SENT = frozenset({"timeout", "connection"})
 _NUMBER = (int, float)
 # The exposition's spelling of a bucket bound (prometheus_client leaves it untyped).
 _go_float: Callable[[float], str] = floatToGoString
-_ENQUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 21600)
+# From a few milliseconds (an idle worker's) to hours (a backlog's).
+_ENQUEUE_BUCKETS = (
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    900,
+    3600,
+    21600,
+)
 
 
 class Metrics:
@@ -153,20 +174,21 @@ class Metrics:
         """Count recorded outcomes (a settled batch, as the worker reports it)."""
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         latencies: list[float] = []
-        enqueued: list[object] = []
+        enqueued: list[tuple[object, float]] = []
         for outcome in outcomes:
             attempt, message = outcome.attempt, outcome.message
             if outcome.event == "delivered" and attempt is not None and message is not None:
                 # Nearly every outcome of a busy worker: gathered, counted once a batch.
                 latencies.append(attempt.latency)
-                enqueued.append(message.get("enqueuedAt"))
+                enqueued.append((message.get("enqueuedAt"), attempt.answered_at))
             else:
                 self._observe_other(outcome, counts, latencies)
         if enqueued:
             counts["delivered", "2xx"] += len(enqueued)
-        now = time.time()
         self.put_seconds.observe_many(latencies)
-        self.enqueue_to_delivery.observe_many([now - e for e in enqueued if isinstance(e, _NUMBER)])
+        self.enqueue_to_delivery.observe_many(
+            [done - e for e, done in enqueued if isinstance(e, _NUMBER)]
+        )
         # One increment per series a batch: each takes a lock.
         for labels, count in counts.items():
             self._outcome(*labels).inc(count)

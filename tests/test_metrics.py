@@ -222,6 +222,26 @@ async def test_by_default_the_probes_answer_on_ipv4_and_ipv6(
         assert (await get(port, "/healthz", host="[::1]"))[0] == 200
 
 
+async def test_enqueue_to_delivery_is_timed_to_the_answer_not_to_the_record(
+    redis_url: str, standin: StandIn
+) -> None:
+    # An idle worker delivers in a few milliseconds; it was timed when the outcome was
+    # recorded, a settle batch's linger (50 ms) later, with 50 ms the first bucket.
+    port = free_port()
+    async with running(fast_settings(redis_url, standin, **listened(port))):
+        for i in range(5):
+            await enqueue(redis_url, [f"ok-{i}"])
+            await asyncio.sleep(0.02)
+        name = "forwarder_enqueue_to_delivery_seconds"
+        await wait_until(lambda: _counted(port, name, 5), 10, "5 deliveries timed")
+        samples = await scrape(port)
+    assert value(samples, name + "_bucket", le="0.025") >= 1
+
+
+async def _counted(port: int, name: str, n: int) -> bool:
+    return value(await scrape(port), name + "_count") >= n
+
+
 async def test_readyz_is_503_once_the_worker_is_stopping(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
