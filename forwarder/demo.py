@@ -248,6 +248,12 @@ async def _queue_is_free(settings: Settings) -> bool:
     redis = redis_client(settings)
     try:
         if settings.queue == DEMO_QUEUE:
+            # Not while a worker serves it (one started as the closing hint says): it would
+            # take the demo's updates to its own API, and the demo would wait for ever.
+            seconds, micros = await redis.time()
+            alive_since = seconds + micros / 1e6 - settings.worker_timeout
+            if await redis.zcount(keys.workers, alive_since, "+inf"):
+                return False
             await redis.delete(keys.queue, keys.delayed, keys.dead)
             return True
         used = (keys.queue, keys.delayed, keys.dead, keys.workers, keys.sessions)

@@ -391,6 +391,28 @@ def test_demo_leaves_a_real_queue_alone(tmp_path: Path, redis_url: str) -> None:
     client.close()
 
 
+def test_demo_refuses_its_own_queue_while_a_worker_serves_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # A worker on forwarder-demo (the demo's closing hint shows how to start one) took
+    # the demo's updates to its own API, and the demo waited for them for ever.
+    demo = Keys("forwarder-demo")
+    client = redis.Redis.from_url(redis_url)
+    seconds, _ = client.time()
+    client.zadd(demo.workers, {"host:1:live": seconds})
+    try:
+        refused = forwarder("demo", "--count", "5", cwd=tmp_path, FORWARDER_REDIS_URL=redis_url)
+        assert refused.returncode == 2
+        assert b"has workers" in refused.stderr
+        # One that stopped heartbeating long ago (a killed run's) does not count.
+        client.zadd(demo.workers, {"host:1:live": seconds - 3600})
+        ran = forwarder("demo", "--count", "5", cwd=tmp_path, FORWARDER_REDIS_URL=redis_url)
+        assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    finally:
+        client.delete(demo.workers)
+        client.close()
+
+
 def test_a_demo_with_no_redis_to_reach_or_start_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
