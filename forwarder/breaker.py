@@ -6,8 +6,9 @@ attempts failed (5xx, timeouts, connection errors); while it is open the host's 
 wait in Redis without spending attempts ("parked"); after a cool-down one probe request
 goes out: success closes the breaker, failure opens it again for twice as long (capped).
 
-A 429 (or any answer with Retry-After) pauses the host for that long instead: nothing is
-wrong with the request, the host asked us to slow down.
+A 429 pauses the host for its Retry-After (or the next retry delay) instead: nothing is
+wrong with the request, the host asked us to slow down. (Another answer's Retry-After,
+a 503's, say, is not read: that message is retried on the schedule.)
 """
 
 from __future__ import annotations
