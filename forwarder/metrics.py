@@ -6,7 +6,9 @@ The listener (``FORWARDER_METRICS_HOST``:``FORWARDER_METRICS_PORT``, 0 = none) s
   plus the queue's depths, read from Redis on a scrape (at most once a second);
 - ``/healthz``: 200 while the event loop keeps up (its lag under :data:`LAG_LIMIT`);
 - ``/readyz``: 200 while Redis (on a cluster, the queue's node) answers a PING within
-  :data:`READY_TIMEOUT` and the worker is not stopping; 503 otherwise.
+  :data:`READY_TIMEOUT` and the worker is ready (``unready`` says why not: stopping,
+  starting, or Redis took none of its writes for ``FORWARDER_WORKER_TIMEOUT``); 503
+  otherwise.
 
 Labels are bounded sets only: no visitor, session or account ids.
 """
@@ -305,14 +307,14 @@ class Listener:
         settings: Settings,
         metrics: Metrics,
         redis: AsyncRedis,
-        ready: Callable[[], bool],
+        unready: Callable[[], str | None],
         *,
         lag_limit: float = LAG_LIMIT,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.redis = redis
-        self.ready = ready
+        self.unready = unready  # why not ready, None if ready
         self.lag_limit = lag_limit
         self.lag = 0.0
         self._state = QueueState(redis, settings.queue, settings.worker_timeout)
@@ -376,8 +378,9 @@ class Listener:
         return _status(healthy, loopLagSeconds=round(self.lag, 3))
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if not self.ready():
-            return _status(False, reason="stopping")
+        why = self.unready()
+        if why is not None:
+            return _status(False, reason=why)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await ping(self.redis, self._state.keys.queue)
@@ -392,7 +395,7 @@ def _status(ok: bool, **details: Any) -> web.Response:
 
 @contextlib.asynccontextmanager
 async def listening(
-    settings: Settings, metrics: Metrics, redis: AsyncRedis, ready: Callable[[], bool]
+    settings: Settings, metrics: Metrics, redis: AsyncRedis, unready: Callable[[], str | None]
 ) -> AsyncIterator[Listener | None]:
     """Serve the listener for the block; none when the port is 0 or cannot be bound.
 
@@ -402,7 +405,7 @@ async def listening(
     if not settings.metrics_port:
         yield None
         return
-    listener = Listener(settings, metrics, redis, ready)
+    listener = Listener(settings, metrics, redis, unready)
     try:
         await listener.start()
     except OSError as exc:

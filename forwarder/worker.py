@@ -115,6 +115,8 @@ class Worker:
         self.failed = False
         # The first refusal by Redis (WRONGTYPE, a wrong setting), which stopped the worker.
         self.refused: BaseException | None = None
+        # When Redis last took this worker's heartbeat or a claim (monotonic); None: never.
+        self._written_at: float | None = None
 
     def stop(self) -> None:
         """Stop taking messages; :meth:`run` then finishes what is in flight and returns."""
@@ -125,6 +127,23 @@ class Worker:
     def stopping(self) -> bool:
         """True once :meth:`stop` was called (the worker is no longer ready for work)."""
         return self._stopping.is_set()
+
+    def unready(self) -> str | None:
+        """Why the worker takes no work now (for ``/readyz``); None while it does.
+
+        A PING alone passes on a read-only replica (a fail-over behind one address), where
+        every write fails: the worker is ready only while Redis takes its writes.
+        """
+        if self.stopping:
+            return "stopping"
+        if self._written_at is None:
+            return "starting"
+        if time.monotonic() - self._written_at > self.settings.worker_timeout:
+            return "redis_refuses_writes"
+        return None
+
+    def _written(self) -> None:
+        self._written_at = time.monotonic()
 
     async def run(self) -> None:
         """Run until :meth:`stop`; on return this worker has no keys left in Redis
@@ -185,6 +204,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 await self.queue.heartbeat(self.settings.worker_timeout)
+                self._written()
                 return True
             except OutOfMemoryError as exc:
                 # A full Redis refuses the heartbeat's write; the first claim that takes
@@ -252,6 +272,7 @@ class Worker:
                 await backoff.sleep()
                 continue
             backoff.reset()
+            self._written()  # a claim refreshes the heartbeat
             if claimed:
                 self._batch = len(claimed)
             # Decoded and built here, a batch at a time: in one tight loop the parser's
@@ -434,6 +455,7 @@ class Worker:
                 if not self._waited_out("heartbeat", exc):
                     return
                 continue
+            self._written()
             if strays:
                 # Redis lost recorded outcomes (a restart, a fail-over): sent again.
                 log.warning("strays_returned", worker=self.id, returned=strays)
@@ -644,7 +666,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[Worker], Any] | None 
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             worker = Worker(settings, redis, build_client(settings, session))
-            async with listening(settings, worker.metrics, redis, lambda: not worker.stopping):
+            async with listening(settings, worker.metrics, redis, worker.unready):
                 if on_ready is not None:
                     on_ready(worker)
                 await worker.run()

@@ -306,7 +306,7 @@ async def test_readyz_pings_the_node_that_serves_the_queue(fresh_cluster: Cluste
         )
         before = _pings(owner)
         async with (
-            listening(settings, Metrics(), client, lambda: True),
+            listening(settings, Metrics(), client, lambda: None),
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{port}/readyz") as resp,
         ):

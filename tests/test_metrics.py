@@ -130,7 +130,7 @@ async def test_held_messages_and_busy_sessions_are_gauged(
     assert len(await queue.claim(10)) == 2
     port = free_port()
     settings = Settings(redis_url=redis_url, **listened(port))
-    listener = Listener(settings, Metrics(), redis_client, lambda: True)
+    listener = Listener(settings, Metrics(), redis_client, lambda: None)
     await listener.start()
     try:
         samples = await scrape(port)
@@ -184,7 +184,7 @@ async def test_dead_letters_dropped_by_the_cap_are_counted_and_named(
 async def test_readyz_follows_redis_down_and_back(own_redis: RedisServer, standin: StandIn) -> None:
     port = free_port()
     async with running(fast_settings(own_redis.url, standin, **listened(port))):
-        assert (await get(port, "/readyz"))[0] == 200
+        await wait_until(lambda: _status_is(port, "/readyz", 200), 5, "200 once registered")
         await asyncio.to_thread(own_redis.kill)
         await wait_until(lambda: _status_is(port, "/readyz", 503), 5, "503 while Redis is down")
         _, body = await get(port, "/readyz")
@@ -198,6 +198,28 @@ async def test_readyz_follows_redis_down_and_back(own_redis: RedisServer, standi
         assert math.isnan(value(samples, "forwarder_messages", state="pending"))
         await asyncio.to_thread(own_redis.start)
         await wait_until(lambda: _status_is(port, "/readyz", 200), 10, "200 once Redis is back")
+
+
+async def test_readyz_is_503_while_redis_takes_no_write(
+    own_redis: RedisServer, standin: StandIn
+) -> None:
+    # A fail-over behind one address: the worker's Redis turned replica answers PINGs,
+    # and /readyz said 200 while every write failed and the worker did nothing.
+    port = free_port()
+    settings = fast_settings(own_redis.url, standin, **listened(port))
+    admin = Redis.from_url(own_redis.url)
+    try:
+        async with running(settings):
+            await wait_until(lambda: _status_is(port, "/readyz", 200), 5, "200 once registered")
+            await admin.replicaof("127.0.0.1", free_port())
+            within = settings.worker_timeout + 5
+            await wait_until(lambda: _status_is(port, "/readyz", 503), within, "503")
+            _, body = await get(port, "/readyz")
+            assert orjson.loads(body)["reason"] == "redis_refuses_writes"
+            await admin.replicaof("NO", "ONE")
+            await wait_until(lambda: _status_is(port, "/readyz", 200), 10, "200 once it writes")
+    finally:
+        await admin.aclose()
 
 
 def _ipv6_loopback() -> bool:
@@ -260,7 +282,7 @@ async def test_healthz_turns_503_after_the_event_loop_stalls(
 ) -> None:
     port = free_port()
     settings = Settings(redis_url=redis_url, **listened(port))
-    listener = Listener(settings, Metrics(), redis_client, lambda: True, lag_limit=0.3)
+    listener = Listener(settings, Metrics(), redis_client, lambda: None, lag_limit=0.3)
     await listener.start()
     try:
         assert (await get(port, "/healthz"))[0] == 200
@@ -291,7 +313,7 @@ async def test_a_taken_port_is_logged_and_the_worker_still_delivers(
 
 async def test_port_zero_means_no_listener(redis_url: str, redis_client: Redis) -> None:
     settings = Settings(redis_url=redis_url, metrics_port=0)
-    async with listening(settings, Metrics(), redis_client, lambda: True) as listener:
+    async with listening(settings, Metrics(), redis_client, lambda: None) as listener:
         assert listener is None
 
 
