@@ -49,9 +49,9 @@ class Attempt:
     error: ErrorEntity | None = None
     failure: str | None = None
     retry_after: float | None = None
-    # Wall-clock time of the answer, for the time from enqueue to delivery: the outcome
-    # is recorded up to a settle batch's linger later. 0.0 where there was no answer.
-    answered_at: float = 0.0
+    # When the answer came (time.perf_counter), for the time from enqueue to delivery:
+    # the outcome is recorded up to a settle batch's linger later. 0.0: no answer.
+    answered: float = 0.0
 
     @property
     def describe(self) -> str:
@@ -138,7 +138,8 @@ class EngagementClient:
                     allow_redirects=False,
                 ) as resp:
                     payload = await read_at_most(resp)
-                    return _answered(resp, payload, time.perf_counter() - started)
+                    answered = time.perf_counter()
+                    return _answered(resp, payload, answered - started, answered)
             except aiohttp.ClientConnectorError:
                 if retried:
                     return Attempt(None, time.perf_counter() - started, failure="connect")
@@ -166,9 +167,11 @@ class EngagementClient:
         )
 
 
-def _answered(resp: aiohttp.ClientResponse, payload: bytes | None, latency: float) -> Attempt:
+def _answered(
+    resp: aiohttp.ClientResponse, payload: bytes | None, latency: float, answered: float
+) -> Attempt:
     if resp.status < 400:
-        return Attempt(resp.status, latency, answered_at=time.time())
+        return Attempt(resp.status, latency, answered=answered)
     retry_after = _retry_after(resp.headers.get("Retry-After"))
     return Attempt(resp.status, latency, _error_entity(payload), retry_after=retry_after)
 

@@ -182,14 +182,17 @@ class Metrics:
             if outcome.event == "delivered" and attempt is not None and message is not None:
                 # Nearly every outcome of a busy worker: gathered, counted once a batch.
                 latencies.append(attempt.latency)
-                enqueued.append((message.get("enqueuedAt"), attempt.answered_at))
+                enqueued.append((message.get("enqueuedAt"), attempt.answered))
             else:
                 self._observe_other(outcome, counts, latencies)
         if enqueued:
             counts["delivered", "2xx"] += len(enqueued)
         self.put_seconds.observe_many(latencies)
+        # Answers are timed by the monotonic clock (one read a message, which the PUT's
+        # latency takes anyway); enqueuedAt is wall-clock time.
+        to_wall = time.time() - time.perf_counter()
         self.enqueue_to_delivery.observe_many(
-            [done - e for e, done in enqueued if isinstance(e, _NUMBER)]
+            [done + to_wall - e for e, done in enqueued if isinstance(e, _NUMBER)]
         )
         # One increment per series a batch: each takes a lock.
         for labels, count in counts.items():
