@@ -61,7 +61,6 @@ from bench.procs import Child, Children
 from forwarder.demo import DOCS_EXAMPLE_BODY as EXAMPLE_BODY
 from forwarder.embedded import RedisServer
 from forwarder.producer import Producer, QueueUnavailable, make_update
-from forwarder.queue import delayed_message
 
 INFLIGHT_MATCH = f"{TAG}:inflight:*"
 _VISITORS = "/visitors/"
@@ -513,9 +512,7 @@ async def leftovers(soak: Soak) -> dict[str, list[str]]:
         inflight += list((await r.hgetall(key)).values())
     return {
         "queue": ids(await r.lrange(QUEUE_KEY, 0, -1)),
-        "delayed": ids(
-            [delayed_message(cast(bytes, m)) for m in await r.zrange(DELAYED_KEY, 0, -1)]
-        ),
+        "delayed": ids(await r.zrange(DELAYED_KEY, 0, -1)),
         "inflight": ids(inflight),
     }
 

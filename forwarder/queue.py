@@ -45,16 +45,14 @@ local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
--- A message waiting in the delayed set is stored as itself, a NUL (which JSON text never
--- holds) and the claim that settled it: a set member is unique, and two identical
--- messages (a producer's id given twice) must stay two.
-local function delayed_member(message, inflight, token)
-  return message .. '\0' .. inflight .. ' ' .. token
-end
+-- A member of the delayed set is the message it holds. One that a later version writes
+-- may carry a NUL (which JSON text never holds) and more after the message, to keep two
+-- identical messages apart: promote moves the message alone, so that version can roll
+-- out over this one (an older promote would push the whole member, no message at all).
 local function delayed_message(member)
   local cut = string.find(member, '\0', 1, true)
   if cut then return string.sub(member, 1, cut - 1) end
-  return member  -- stored before members had a claim
+  return member
 end
 -- entries: {claim number, message}; the oldest claimed goes rightmost.
 local function push_back(dst, entries)
@@ -281,7 +279,7 @@ for i = 2, #ARGV, 4 do
   local kept = redis.call('HDEL', KEYS[1], ARGV[i + 1])
   if kept == 1 and ARGV[i] == 'retry' then
     retries[#retries + 1] = t + tonumber(ARGV[i + 3])
-    retries[#retries + 1] = delayed_member(ARGV[i + 2], KEYS[1], ARGV[i + 1])
+    retries[#retries + 1] = ARGV[i + 2]
   elseif kept == 1 then
     dead[#dead + 1] = ARGV[i + 2]
   end
@@ -307,7 +305,7 @@ local function settle(op, token, payload, delay)
   if not raw then return 0 end
   redis.call('HDEL', KEYS[1], token)
   if op == 'retry' then
-    redis.call('ZADD', KEYS[2], t + tonumber(delay), delayed_member(payload, KEYS[1], token))
+    redis.call('ZADD', KEYS[2], t + tonumber(delay), payload)
   elseif op == 'dead' then
     redis.call('LPUSH', KEYS[3], payload)
   end
@@ -698,12 +696,6 @@ class Queue:
         """Give back everything still in flight and deregister. Returns the count."""
         keys = [self._inflight, self.keys.queue, self.keys.workers, self.keys.claims]
         return int(await self._release(keys, [self.worker_id]))
-
-
-def delayed_message(member: bytes) -> bytes:
-    """The message a member of the delayed set holds (the Lua twin says why a member is
-    more than its message)."""
-    return member.split(b"\0", 1)[0]
 
 
 def _text(value: bytes | int | str) -> str:

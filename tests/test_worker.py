@@ -25,7 +25,7 @@ from forwarder.answers import MAX_ANSWER_BYTES
 from forwarder.deadletters import Retention
 from forwarder.domain import DomainLookupError, DomainResolver
 from forwarder.producer import Producer, make_update
-from forwarder.queue import Keys, delayed_message
+from forwarder.queue import Keys
 from forwarder.settings import Settings
 from forwarder.standin import Received, StandIn
 from forwarder.worker import running
@@ -258,21 +258,6 @@ async def test_a_failed_background_task_stops_the_worker_with_a_failing_exit_cod
     await assert_drained(redis_client, pending=pending)
 
 
-@pytest.mark.parametrize("ordering", ["none", "session"])
-async def test_two_identical_messages_waiting_for_a_retry_stay_two(
-    redis_url: str, redis_client: Redis, standin: StandIn, ordering: str
-) -> None:
-    # A producer's id given twice, one enqueuedAt for the batch: the same bytes. Each
-    # retry was its own message as the delayed set's member, so the two became one.
-    twice = [update("down-1", id="given-twice")] * 2
-    await enqueue(redis_url, *twice)
-    settings = fast_settings(redis_url, standin, retry_delays=(0.2,), ordering=ordering)
-    async with running(settings):
-        await wait_until(lambda: _dead_count(redis_client, 2), 10, "both dead-lettered")
-    assert len(standin.requests) == 4  # each sent, then retried once
-    await assert_drained(redis_client)
-
-
 async def test_waiting_retries_are_kept_in_the_delayed_set(
     redis_url: str, redis_client: Redis, standin: StandIn
 ) -> None:
@@ -283,7 +268,7 @@ async def test_waiting_retries_are_kept_in_the_delayed_set(
         [(raw, due)] = cast(list[tuple[bytes, float]], waiting_list)
         seconds, micros = await redis_client.time()
         server_now = seconds + micros / 1e6
-        waiting = orjson.loads(delayed_message(raw))
+        waiting = orjson.loads(raw)
         assert (waiting["id"], waiting["attempts"], waiting["lastError"]) == (
             message_id,
             1,
