@@ -50,8 +50,8 @@ class Attempt:
     failure: str | None = None
     retry_after: float | None = None
     # When the answer came (time.perf_counter), for the time from enqueue to delivery:
-    # the outcome is recorded up to a settle batch's linger later. 0.0: no answer.
-    answered: float = 0.0
+    # the outcome is recorded up to a settle batch's linger later. None: no answer.
+    answered: float | None = None
 
     @property
     def describe(self) -> str:

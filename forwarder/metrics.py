@@ -176,7 +176,7 @@ class Metrics:
         """Count recorded outcomes (a settled batch, as the worker reports it)."""
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         latencies: list[float] = []
-        enqueued: list[tuple[object, float]] = []
+        enqueued: list[tuple[object, float | None]] = []
         for outcome in outcomes:
             attempt, message = outcome.attempt, outcome.message
             if outcome.event == "delivered" and attempt is not None and message is not None:
@@ -192,7 +192,11 @@ class Metrics:
         # latency takes anyway); enqueuedAt is wall-clock time.
         to_wall = time.time() - time.perf_counter()
         self.enqueue_to_delivery.observe_many(
-            [done + to_wall - e for e, done in enqueued if isinstance(e, _NUMBER)]
+            [
+                done + to_wall - e
+                for e, done in enqueued
+                if isinstance(e, _NUMBER) and done is not None
+            ]
         )
         # One increment per series a batch: each takes a lock.
         for labels, count in counts.items():

@@ -20,6 +20,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from forwarder.client import Attempt
 from forwarder.embedded import RedisServer, free_port
 from forwarder.metrics import LAG_TICK, Listener, Metrics, Tally, listening
 from forwarder.outcome import Outcome
@@ -330,6 +331,19 @@ def test_parked_messages_are_counted_by_cause() -> None:
         if s.name.endswith("_total")
     }
     assert samples == {"rate_limited": 2, "circuit_open": 1}
+
+
+def test_a_delivery_without_the_answers_time_is_counted_but_not_timed() -> None:
+    # Timed from a clock reading of 0.0, it counted as an instant delivery.
+    metrics = Metrics()
+    message = {"id": "x", "enqueuedAt": time.time() - 40}
+    timed = Attempt(200, 0.001, answered=time.perf_counter())
+    metrics.observe(
+        Outcome(Settlement("ack", n, b"", 0.0), "delivered", None, message, attempt)
+        for n, attempt in enumerate([timed, Attempt(200, 0.001)])
+    )
+    assert metrics.enqueue_to_delivery.counts == [0] * 13 + [1] + [0] * 6
+    assert metrics.enqueue_to_delivery.sum == pytest.approx(40, abs=0.5)
 
 
 def test_a_tally_exposes_what_a_prometheus_histogram_does() -> None:
