@@ -385,14 +385,16 @@ class Listener:
         return _status(healthy, loopLagSeconds=round(self.lag, 3))
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        why = self.unready()
-        if why is not None:
-            return _status(False, reason=why)
+        # Redis first: a Redis that does not answer takes no writes either, and is the
+        # reason to name.
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await ping(self.redis, self._state.keys.queue)
         except REDIS_CALL_FAILED as exc:
             return _status(False, reason="redis_unavailable", error=type(exc).__name__)
+        why = self.unready()
+        if why is not None:
+            return _status(False, reason=why)
         return _status(True)
 
 
