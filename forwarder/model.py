@@ -32,7 +32,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeAlias, Union, cast, get_args
+from operator import attrgetter, itemgetter
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,
+    TypeAlias,
+    TypedDict,
+    Union,
+    cast,
+    get_args,
+)
 
 import msgspec
 import orjson
@@ -64,6 +75,7 @@ _PRINTABLE = rf"^[^{_CONTROLS}]*$"
 # The same, but not "." or "..": the visitor id is a URL path segment, and those would be
 # dot segments, which servers and proxies resolve to another resource. ("..." is not one.)
 _PATH_SEGMENT = rf"^(?:\.*[^{_CONTROLS}.][^{_CONTROLS}]*|\.{{3,}})$"
+_ACCOUNT_ID = r"^[A-Za-z0-9_]{1,20}$"
 
 
 _WIRE_CONFIG = ConfigDict(
@@ -483,9 +495,7 @@ class SessionUpdate(BaseModel):
 
     model_config = ConfigDict(**_WIRE_CONFIG, extra="forbid")
 
-    account_id: str = Field(
-        pattern=r"^[A-Za-z0-9_]{1,20}$", description="LivePerson account (site) id."
-    )
+    account_id: str = Field(pattern=_ACCOUNT_ID, description="LivePerson account (site) id.")
     visitor_id: str = Field(
         min_length=1,
         max_length=256,
@@ -674,12 +684,17 @@ class _Translation:
         *,
         closed: bool = False,
         raw: frozenset[str] = frozenset(),
+        as_dict: bool = False,
     ) -> None:
         self._implied = implied  # patterns the caller checks by other means
         self._closed = closed  # unknown fields refused, also where the models allow them
         self._root, self._raw = model, raw  # the root's fields kept as their JSON text
+        # The root as a TypedDict, decoded straight into the dict a caller keeps (no
+        # conversion a message): unknown keys are dropped, not refused, so that caller
+        # must tell them by other means (decode writes the dict back and compares).
+        self._as_dict = as_dict
         self._definitions: dict[str, Any] = {}
-        self._structs: dict[tuple[str, str | None], type[msgspec.Struct]] = {}
+        self._structs: dict[tuple[str, str | None], Any] = {}
         self.type = self.of(model.__pydantic_core_schema__)
 
     def of(self, node: Any) -> Any:
@@ -713,13 +728,13 @@ class _Translation:
     def _model(self, node: Any) -> Any:
         return self._definitions[node["schema_ref"]] if node["type"] == "definition-ref" else node
 
-    def struct(self, node: Any, tag: tuple[str, str] | None = None) -> type[msgspec.Struct]:
+    def struct(self, node: Any, tag: tuple[str, str] | None = None) -> Any:
         key = (node["ref"], tag[1] if tag else None)
         if key not in self._structs:
             self._structs[key] = self._new_struct(node, tag)
         return self._structs[key]
 
-    def _new_struct(self, node: Any, tag: tuple[str, str] | None) -> type[msgspec.Struct]:
+    def _new_struct(self, node: Any, tag: tuple[str, str] | None) -> Any:
         model = cast(core_schema.ModelSchema, node)
         fields = cast(core_schema.ModelFieldsSchema, model["schema"])
         unknown = {k for k, v in model.items() if v} - _INERT_MODEL_KEYS
@@ -746,6 +761,8 @@ class _Translation:
                 members.append((name, self.of(schema)))
             alias = field.get("validation_alias")
             rename[name] = alias if isinstance(alias, str) else name
+        if self._as_dict and model["cls"] is self._root:
+            return _typed_dict(model["cls"].__name__, members, rename)
         return msgspec.defstruct(
             model["cls"].__name__,
             members,
@@ -780,6 +797,21 @@ class _Translation:
         return Annotated[base, msgspec.Meta(**meta)] if meta else base
 
 
+def _typed_dict(
+    name: str, members: list[tuple[str, Any] | tuple[str, Any, Any]], rename: dict[str, str]
+) -> Any:
+    """A TypedDict of ``members`` (a field with a default may be left out), by wire name.
+
+    A field kept as JSON text may be left out too: msgspec (0.23) refuses a required Raw
+    in a TypedDict ("Expected `raw`, got `object`"). The caller checks it is there.
+    """
+    fields = {
+        rename[m[0]]: NotRequired[m[1]] if len(m) == 3 or m[1] is msgspec.Raw else m[1]
+        for m in members
+    }
+    return TypedDict(name, fields)  # type: ignore[operator]
+
+
 def _union(members: Iterable[Any]) -> Any:
     return Union[tuple(members)]  # noqa: UP007 (built at run time)
 
@@ -798,10 +830,12 @@ def _fast_decoder(
     *,
     closed: bool = False,
     raw: frozenset[str] = frozenset(),
+    as_dict: bool = False,
 ) -> msgspec.json.Decoder[Any]:
     if not model.model_config.get("strict"):
         raise TypeError(f"{model.__name__}: msgspec never coerces; the models must not either")
-    return msgspec.json.Decoder(_Translation(model, implied, closed=closed, raw=raw).type)
+    translation = _Translation(model, implied, closed=closed, raw=raw, as_dict=as_dict)
+    return msgspec.json.Decoder(translation.type)
 
 
 _DOT_SEGMENTS = frozenset({".", ".."})
@@ -812,16 +846,21 @@ class _Judges:
     """A message's msgspec translation, and the same but for the ids' patterns, for JSON
     in which no string can hold a control character: nearly every message, and a Python
     re call less for each id, a fifth or more off the verdict's time (the visitor id's
-    dot segments are then looked for by a set lookup)."""
+    dot segments are then looked for by a set lookup, the account id's characters by
+    string methods)."""
 
     full: msgspec.json.Decoder[Any]
     plain: msgspec.json.Decoder[Any]
+    ids: Callable[[Any], tuple[str, str]]  # the account and visitor ids of a decoded one
 
     @classmethod
-    def of(cls, raw: frozenset[str] = frozenset()) -> _Judges:
-        full = _fast_decoder(SessionUpdate, raw=raw)
-        ids = frozenset({_PRINTABLE, _PATH_SEGMENT})
-        return cls(full, _fast_decoder(SessionUpdate, ids, raw=raw))
+    def of(cls, raw: frozenset[str] = frozenset(), *, as_dict: bool = False) -> _Judges:
+        full = _fast_decoder(SessionUpdate, raw=raw, as_dict=as_dict)
+        implied = frozenset({_PRINTABLE, _PATH_SEGMENT, _ACCOUNT_ID})
+        plain = _fast_decoder(SessionUpdate, implied, raw=raw, as_dict=as_dict)
+        if as_dict:
+            return cls(full, plain, itemgetter("accountId", "visitorId"))
+        return cls(full, plain, attrgetter("account_id", "visitor_id"))
 
     def decode(self, raw: bytes) -> Any:
         """``raw`` decoded and checked, as by the full translation (whose errors it
@@ -831,9 +870,15 @@ class _Judges:
         if _may_hold_controls(raw):
             return self.full.decode(raw)
         decoded = self.plain.decode(raw)
-        if decoded.visitor_id in _DOT_SEGMENTS:
+        account, visitor = self.ids(decoded)
+        if visitor in _DOT_SEGMENTS or not _is_account_id(account):
             return self.full.decode(raw)  # refuses it, naming the pattern
         return decoded
+
+
+def _is_account_id(text: str) -> bool:
+    """Does ``text`` match :data:`_ACCOUNT_ID`? (isalnum alone takes any letter or digit.)"""
+    return len(text) <= 20 and text.isascii() and text.replace("_", "0").isalnum()
 
 
 _VERDICT = _Judges.of()
@@ -1005,8 +1050,7 @@ def _top_keys(raw: bytes) -> Iterable[str]:
         return ()
 
 
-@dataclass(slots=True)
-class Decoded:
+class Decoded(msgspec.Struct, gc=False):  # a Struct, as forwarder.queue.Claimed
     """A valid queue element: the Update Session body to send, as the producer wrote it,
     and the wire form, whose ``body`` is that text again (an :class:`orjson.Fragment`,
     written out as is when the message is re-enqueued or dead-lettered)."""
@@ -1016,10 +1060,10 @@ class Decoded:
 
 
 # The worker's fast path reads each message once, with msgspec: the envelope checked and
-# the body located (kept as its JSON text), then the body checked against closed types,
-# which read every value of it. See decode.
+# the body located (kept as its JSON text), straight into the message's dict, then the
+# body checked against closed types, which read every value of it. See decode.
 _BODY = frozenset({"body"})
-_ENVELOPE = _Judges.of(raw=_BODY)
+_ENVELOPE = _Judges.of(raw=_BODY, as_dict=True)
 _CLOSED_BODY = _fast_decoder(UpdateSessionBody, closed=True)
 _encode = msgspec.json.Encoder().encode
 
@@ -1031,12 +1075,12 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
     if len(raw) > max_bytes:
         _refuse_over_cap(len(raw), max_bytes, lambda: _top_keys(raw))
     envelope = _envelope(raw)
-    # The fast path takes a message msgspec writes back byte for byte (compact, in the
-    # producer's key order, no key twice, no default spelled out) whose body has only
-    # fields the models know: msgspec skips unknown ones unread (bad UTF-8, 1e999), so
-    # those bodies are read by orjson on the other path.
-    if envelope is not None and _encode(envelope) == raw and _closed_body_passes(envelope.body):
-        message = msgspec.to_builtins(envelope, builtin_types=(msgspec.Raw,))
+    # The fast path takes a message msgspec writes back byte for byte (compact, no key
+    # twice or unknown, which the envelope's dict left out) whose body has only fields the
+    # models know: msgspec skips unknown ones unread (bad UTF-8, 1e999), so those bodies
+    # are read by orjson on the other path.
+    if envelope is not None and _encode(envelope) == raw and _closed_body_passes(envelope["body"]):
+        message = envelope
         body = bytes(message["body"])
     else:
         message = parse_object(raw)
@@ -1054,7 +1098,7 @@ def decode(raw: bytes, max_bytes: int) -> Decoded:
             # models saw only the last value and msgspec each one.
             raise InvalidMessage([_refusal(raw)])
         # As written where msgspec read it; msgspec leaves Python-named keys to the models.
-        body = bytes(envelope.body) if envelope is not None else orjson.dumps(message["body"])
+        body = bytes(envelope["body"]) if envelope is not None else orjson.dumps(message["body"])
     message["body"] = orjson.Fragment(body)
     if message.get("id") is None:
         # 128 random bits, as uuid4 has, at a fifth of its cost.
@@ -1086,9 +1130,10 @@ def _envelope(raw: bytes) -> Any:
     """The message with its envelope checked and its body as JSON text (msgspec); None
     where msgspec cannot judge it or refuses it (the slow path then says why)."""
     try:
-        return _ENVELOPE.decode(raw)
+        envelope = _ENVELOPE.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # ValidationError too
         return None
+    return envelope if envelope is None or "body" in envelope else None
 
 
 def _refusal(raw: bytes) -> str:

@@ -952,6 +952,64 @@ def test_a_body_field_the_models_do_not_know_is_read_in_full(extra: bytes) -> No
         decode(raw, 1 << 20)
 
 
+NOT_AN_OBJECT = "(root): a wire message must be a JSON object"
+
+
+@pytest.mark.parametrize("msg", SAMPLE_MESSAGES, ids=SAMPLE_IDS)
+def test_decode_agrees_with_the_models_on_mutations(msg: dict[str, Any]) -> None:
+    # The worker's own path: its envelope is read straight into a dict, which drops an
+    # unknown key rather than refusing it, and its account id is checked without a regex.
+    disagreements = []
+    for data in mutations(msg):
+        try:
+            raw = orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            continue  # no JSON: never on a queue
+        parsed = orjson.loads(raw)
+        # The worker says a non-object is no wire message in words of its own.
+        expected = model_errors(parsed) if isinstance(parsed, dict) else [NOT_AN_OBJECT]
+        if (got := _worker_says(raw)) != expected:
+            disagreements.append(f"{got} != {expected} for {raw!r}")
+
+    assert disagreements[:5] == []
+
+
+@pytest.mark.parametrize(
+    ("account_id", "valid"),
+    [
+        *[("_", True), ("a_1", True), ("A" * 20, True), ("0" * 20, True)],
+        *[("a" * 21, False), ("", False), ("a-b", False), ("a b", False), ("é", False)],
+        # Letters and digits to str.isalnum, but not the pattern's ASCII ones.
+        *[("\u0661\u0662", False), ("\uff41", False), ("x\u00b2", False)],
+    ],
+)
+def test_decode_checks_the_account_id_as_the_models_do(account_id: str, valid: bool) -> None:
+    data = message(accountId=account_id)
+    raw = orjson.dumps(data)
+
+    assert _worker_says(raw) == model_errors(data) == wire_errors(data)
+    assert (model_errors(data) is None) is valid
+
+
+def test_decode_takes_the_envelope_in_any_key_order() -> None:
+    given = message()
+    raw = orjson.dumps(dict(reversed(given.items())))
+
+    decoded = decode(raw, MAX_MESSAGE_BYTES)
+
+    assert list(decoded.message) == list(reversed(given))
+    assert orjson.loads(orjson.dumps(decoded.message)) == given
+    assert decoded.body == orjson.dumps(given["body"])
+
+
+@pytest.mark.parametrize("extra", [b'"sesionId":"s1"', b'"accountId":"2"', b'"x":{"y":1}'])
+def test_decode_refuses_an_envelope_key_unknown_or_given_twice(extra: bytes) -> None:
+    raw = wire().replace(b'{"accountId"', b"{" + extra + b',"accountId"')
+
+    with pytest.raises(InvalidMessage):
+        decode(raw, MAX_MESSAGE_BYTES)
+
+
 def test_decode_raises_the_models_errors() -> None:
     msg = message(accountId="1234/5678")
 
