@@ -86,9 +86,12 @@ def main() -> int:
 
 
 def _floor(module: ModuleType) -> None:
+    from forwarder.breaker import Admission, Breakers
     from forwarder.model import Decoded
     from forwarder.outcome import Outcome
     from forwarder.queue import Settlement
+
+    go = Admission(None)
 
     def decode(raw: bytes, max_bytes: int) -> Decoded:
         message = orjson.loads(raw)
@@ -96,15 +99,15 @@ def _floor(module: ModuleType) -> None:
         message["body"] = orjson.Fragment(body)
         return Decoded(message, body)
 
-    def refused(self: Any, job: Any, host: str) -> None:
-        return None
+    def admit(self: Any, host: str) -> Admission:
+        return go
 
     def after(self: Any, job: Any, host: str, attempt: Any) -> Outcome:
         ack = Settlement("ack", job.claimed.token)
         return Outcome(ack, "delivered", None, job.message, attempt)
 
     module.decode = decode  # type: ignore[attr-defined]
-    module.Worker._refused = refused
+    Breakers.admit = admit  # type: ignore[method-assign]
     module.Worker._after = after
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 import orjson
 
 from forwarder.client import Attempt
@@ -41,8 +42,7 @@ RAW_KEPT = MAX_MESSAGE_BYTES
 MIN_RETRY_AFTER = 1.0
 
 
-@dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
-class Outcome:
+class Outcome(msgspec.Struct, gc=False):  # a Struct, as forwarder.queue.Claimed
     """A settlement, plus what reports it: a stable log event and its fields, and for the
     metrics the message and the attempt behind it (None where there is none)."""
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
+import msgspec
 from redis.exceptions import ResponseError
 
 from forwarder.connections import AsyncRedis
@@ -510,18 +511,17 @@ class Keys:
 CLAIM_BYTES = 4 * 1024 * 1024
 
 
-# Not frozen: a frozen dataclass costs five times as much to build, and one is built
-# for every message.
-@dataclass(slots=True)
-class Claimed:
+# A msgspec Struct, not a dataclass, for each record built for every message: its
+# __init__ is C, a quarter of a dataclass' time (the garbage collector does not track
+# them: they hold no cycle).
+class Claimed(msgspec.Struct, gc=False):
     """A message taken into flight: its claim number and the queue element as pushed."""
 
     token: int
     raw: bytes
 
 
-@dataclass(slots=True)  # not frozen, as Claimed
-class Settlement:
+class Settlement(msgspec.Struct, gc=False):  # a Struct, as Claimed
     """The recorded outcome of one in-flight message (by its claim number).
 
     ``payload`` is the re-enqueued message for a retry, the dead-letter record for a

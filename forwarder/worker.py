@@ -22,10 +22,10 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 import structlog
 from redis.exceptions import OutOfMemoryError
 
@@ -321,9 +321,10 @@ class Worker:
             try:
                 # Awaited here, not in a helper coroutine: see update_session.
                 host = fixed_host or await client.base_url(job.message["accountId"])
-                refused = self._refused(job, host)
-                if refused is not None:
-                    result = refused
+                admission = self.breakers.admit(host)
+                job.probe = admission.probe
+                if admission.wait is not None:
+                    result = outcome.parked(job.claimed, job.message, admission.wait, admission.why)
                 else:
                     attempt = await client.update_session(host, job.put)
                     result = self._after(job, host, attempt)
@@ -341,14 +342,6 @@ class Worker:
                     # one, the host would stay shut (every message parked) for good.
                     self.breakers.record(host, True, probe=True)
             self._results.add(result)
-
-    def _refused(self, job: _Job, host: str) -> Outcome | None:
-        """The message parked because ``host``'s breaker is open; None: send it."""
-        admission = self.breakers.admit(host)
-        job.probe = admission.probe
-        if admission.wait is None:
-            return None
-        return outcome.parked(job.claimed, job.message, admission.wait, admission.why)
 
     def _after(self, job: _Job, host: str, attempt: Attempt) -> Outcome:
         # A probe is a real attempt: it spends one, so a message that fails alone on a
@@ -486,8 +479,7 @@ class Worker:
             await self._nap(max(wake - promoted.now, 0.002), self._retries_recorded)
 
 
-@dataclass(slots=True)  # not frozen, as forwarder.queue.Claimed
-class _Job:
+class _Job(msgspec.Struct, gc=False):  # a Struct, as forwarder.queue.Claimed
     """A claimed message, decoded, with its request built: ready for a consumer."""
 
     claimed: Claimed
@@ -559,10 +551,13 @@ class _Results:
         return self._unrecorded
 
     def add(self, result: Outcome) -> None:
+        # Each event changes only as the first is added: one per message would cost more.
+        if not self._waiting:
+            self._added.set()  # the recorder waits for one only while there is none
+        if not self._unrecorded:
+            self._none_left.clear()
         self._waiting.append(result)
         self._unrecorded += 1
-        self._added.set()
-        self._none_left.clear()
 
     async def take(self, most: int, linger: float) -> list[Outcome]:
         """Up to ``most`` outcomes, oldest first: once there is one, ``linger`` seconds
