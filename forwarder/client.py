@@ -64,7 +64,8 @@ class Attempt(msgspec.Struct, gc=False):  # a Struct, as forwarder.queue.Claimed
 
 
 class Put(msgspec.Struct, gc=False):  # a Struct, as forwarder.queue.Claimed
-    """One Update Session call, built ahead of sending: all of it but the host."""
+    """One Update Session call, built ahead of sending: all of it but the host, and with
+    the host too where the base URL is fixed."""
 
     path: str  # percent-encoded
     query: str  # percent-encoded
@@ -110,7 +111,7 @@ class EngagementClient:
 
     def prepare(self, message: dict[str, Any], body: bytes) -> Put:
         """The Update Session call of ``message`` (a validated wire message) with ``body``
-        (its body, as the producer wrote it), but its host."""
+        (its body, as the producer wrote it); its URL where the base URL is fixed."""
         # Path parts are percent-encoded with no safe characters: a visitor id can never
         # add a path segment or a query.
         put = Put(
@@ -130,7 +131,7 @@ class EngagementClient:
         # (several per request) passes through each coroutine frame between the task and
         # aiohttp's, at a cost per frame. (read_at_most does not suspend on an answer whose
         # body came with its headers, as the API's empty 200 does.)
-        url = put.url if put.url is not None else self._url(base, put)
+        url = put.url if put.url is not None and base == self._base else self._url(base, put)
         started = time.perf_counter()
         retried = False
         while True:

@@ -509,7 +509,7 @@ class SessionUpdate(BaseModel):
         description="Session id returned by Create Session.",
     )
     body: UpdateSessionBody = Field(description="Update Session request body, sent as is.")
-    # In the order the producer writes them: the worker's fast path expects that order.
+    # In the order the producer writes them.
     id: str | None = Field(
         default=None,
         min_length=1,
@@ -655,6 +655,7 @@ def _check_duplicate_keys(raw: bytes) -> None:
 #
 # - a model becomes a Struct with the same wire names and required fields, closed where
 #   the model forbids extras (open ones ignore extras: from JSON they are always JSON values);
+#   the root may become a TypedDict instead, read straight into the dict the worker keeps;
 # - constraints (pattern, lengths, bounds), literals, lists, unions and the discriminated
 #   unions (tagged Structs) carry over; the ``type`` checkers go: they only choose the
 #   words of an error, and the tagged union rejects exactly the items they reject.

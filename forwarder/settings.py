@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         "its in-flight messages go back to the queue",
     )
     # 64 rather than 256: a busy worker spent about 5 % less CPU a message (bench/,
-    # 2026-11-30: 0.87 of the ceiling against 0.85), for 0.18 Redis commands a message.
+    # 2026-11-30: 0.87 of the ceiling against 0.85), for 0.18 Redis commands a message
+    # (Lua's own calls included).
     claim_batch: int = Field(
         default=64,
         ge=1,

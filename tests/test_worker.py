@@ -29,7 +29,7 @@ from forwarder.queue import Keys
 from forwarder.settings import Settings
 from forwarder.standin import Received, StandIn
 from forwarder.worker import running
-from tests.support import fast_settings, wait_until
+from tests.support import fast_settings, serving, wait_until
 
 KEYS = Keys("forwarder")
 BODY: dict[str, Any] = {
@@ -484,13 +484,8 @@ async def _domain_api(
     """A Domain API answering every lookup with ``answer``; its base URL."""
     app = web.Application()
     app.router.add_get("/api/account/{account}/service/msdkgw/baseURI.json", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield base
 
 
 async def test_an_expired_host_is_used_while_a_hanging_domain_api_is_asked_again() -> None:
