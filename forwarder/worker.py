@@ -506,14 +506,12 @@ class _Ready:
 
     def extend(self, jobs: list[_Job]) -> None:
         self.jobs.extend(jobs)
-        for _ in range(min(len(jobs), len(self._waiters))):
-            self._wake(self._waiters.popleft())
+        self._wake(len(jobs))
 
     def close(self) -> None:
         """Every waiting and later :meth:`take` returns None."""
         self._closed = True
-        while self._waiters:
-            self._wake(self._waiters.popleft())
+        self._wake(len(self._waiters))
 
     async def take(self) -> _Job | None:
         """The oldest job, once there is one; None once closed."""
@@ -524,19 +522,26 @@ class _Ready:
             self._waiters.append(waiter)
             try:
                 await waiter
-            finally:
-                # A woken waiter was taken out to be woken. Only a cancelled one may still
-                # be in: the search for one that is not formats its repr (CPython's
-                # ValueError), which cost a busy worker 10 µs a message.
+            except asyncio.CancelledError:
                 if waiter.cancelled():
+                    # Still in, unless a wake-up skipped it. Looked for only here: a
+                    # search that finds nothing formats the item's repr (CPython's
+                    # ValueError), which cost a busy worker 10 µs a message.
                     with contextlib.suppress(ValueError):
                         self._waiters.remove(waiter)
+                elif self.jobs:
+                    self._wake(1)  # woken for a job, then cancelled: another takes it
+                raise
         return None
 
-    @staticmethod
-    def _wake(waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+    def _wake(self, count: int) -> None:
+        """Wake up to ``count`` waiters, oldest first, skipping any cancelled meanwhile."""
+        waiters = self._waiters
+        while count and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
 
 class _Results:

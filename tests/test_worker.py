@@ -813,6 +813,7 @@ async def test_a_consumer_woken_for_a_job_costs_no_repr_of_its_waiter(
     # for a future it cost a busy worker 10 µs a message.
     loop = asyncio.get_running_loop()
     monkeypatch.setattr(loop, "create_future", lambda: _ReprCounted(loop=loop))
+    monkeypatch.setattr(_ReprCounted, "reprs", 0)
     ready = _Ready()
     taking = [asyncio.create_task(ready.take()) for _ in range(3)]
     await asyncio.sleep(0)
@@ -835,5 +836,26 @@ async def test_a_cancelled_take_leaves_no_waiter_behind() -> None:
     ready.extend([_job(1)])
 
     job = await asyncio.wait_for(waiting, 5)
+    assert job is not None
+    assert job.claimed.token == 1
+
+
+@pytest.mark.parametrize("cancelled", ["before the job comes", "after it was woken"])
+async def test_a_take_cancelled_before_it_resumes_leaves_the_job_to_another(
+    cancelled: str,
+) -> None:
+    ready = _Ready()
+    first = asyncio.create_task(ready.take())
+    second = asyncio.create_task(ready.take())
+    await asyncio.sleep(0)
+    if cancelled == "before the job comes":
+        first.cancel()
+        ready.extend([_job(1)])
+    else:
+        ready.extend([_job(1)])
+        first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+    job = await asyncio.wait_for(second, 5)
     assert job is not None
     assert job.claimed.token == 1
