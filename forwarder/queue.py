@@ -506,8 +506,8 @@ class Keys:
 
 
 # Most bytes of messages (as pushed) one claim takes, one message at least: a claim batch
-# of messages near the size cap (1,000 x 256 kB at most) would make a worker's memory follow its
-# messages' size rather than stay bounded.
+# of messages near the size cap (up to 1,000 x 256 kB) would make a worker's memory follow
+# its messages' size rather than stay bounded.
 CLAIM_BYTES = 4 * 1024 * 1024
 
 
