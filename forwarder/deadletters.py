@@ -184,15 +184,19 @@ class DeadLetter:
 
     def stored(self) -> dict[str, Any]:
         """:attr:`data` with each value as stored (its JSON text), for writing out."""
-        return _as_stored(self.raw, self.data)
+        return _as_stored(_raw_fields(self.raw), self.data)
 
     def stored_message(self) -> dict[str, Any] | None:
         """:attr:`message` with each value as stored (its JSON text)."""
+        return self._stored_message(_raw_fields(self.raw))
+
+    def _stored_message(self, fields: dict[str, msgspec.Raw] | None) -> dict[str, Any] | None:
+        """:meth:`stored_message`, from the record's ``fields`` as :func:`_raw_fields` read
+        them."""
         message = self.message
-        fields = _raw_fields(self.raw)
         if message is None or fields is None:
             return message
-        return _as_stored(fields["message"], message)
+        return _as_stored(_raw_fields(fields["message"]), message)
 
     def replay_message(self) -> bytes | None:
         """The message to enqueue again: no attempts, one more replay, every other value
@@ -208,8 +212,9 @@ class DeadLetter:
     def redacted(self) -> dict[str, Any]:
         """The record without payload content: no message body, no raw queue element, and
         of the validation errors (whose texts may quote values) only their number."""
-        out = {k: v for k, v in self.stored().items() if k not in ("raw", "errors")}
-        message = self.stored_message()
+        fields = _raw_fields(self.raw)  # read once, for the record and its message
+        out = {k: v for k, v in _as_stored(fields, self.data).items() if k not in ("raw", "errors")}
+        message = self._stored_message(fields)
         if message is not None:
             out["message"] = {k: v for k, v in message.items() if k != "body"}
         errors = self.data.get("errors")
@@ -484,10 +489,10 @@ def _raw_fields(raw: bytes | msgspec.Raw) -> dict[str, msgspec.Raw] | None:
         return None
 
 
-def _as_stored(raw: bytes | msgspec.Raw, parsed: dict[str, Any]) -> dict[str, Any]:
-    """``parsed`` (``raw`` read) with its values as ``raw`` has them, which orjson writes
-    out unchanged; as read where msgspec cannot read ``raw``."""
-    fields = _raw_fields(raw)
+def _as_stored(fields: dict[str, msgspec.Raw] | None, parsed: dict[str, Any]) -> dict[str, Any]:
+    """``parsed`` (an object read) with its values as ``fields`` (the same object's values
+    as text, by :func:`_raw_fields`) has them, which orjson writes out unchanged; as read
+    where msgspec could not read the object (None)."""
     if fields is None:
         return parsed
     return {key: orjson.Fragment(bytes(value)) for key, value in fields.items()}
