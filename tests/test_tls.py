@@ -18,7 +18,7 @@ from forwarder.producer import Producer, make_update
 from forwarder.queue import Keys
 from forwarder.standin import StandIn
 from forwarder.worker import running
-from tests.support import fast_settings, forwarder, wait_until
+from tests.support import fast_settings, forwarder, serving, wait_until
 
 KEYS = Keys("forwarder")
 
@@ -109,14 +109,8 @@ async def tls_api(ca: trustme.CA) -> AsyncIterator[tuple[str, list[str]]]:
     ca.issue_cert("127.0.0.1").configure_cert(context)
     app = web.Application()
     app.router.add_put("/api/account/{a}/app/engagement/visitors/{v}", update)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
-    try:
-        yield f"https://127.0.0.1:{port}", calls
-    finally:
-        await runner.cleanup()
+    async with serving(app, ssl_context=context) as base:
+        yield base, calls
 
 
 async def test_the_api_certificate_is_verified(
